@@ -1,0 +1,85 @@
+# Subscale Pixel Networks pipeline. Every target installs what it needs first.
+#   make demo | test | data | train-all | sample | evaluate | upscale INPUT=x.png | deepen INPUT=x.png
+# Variables: EXP (conf/experiments/<EXP>.yaml), RUN_DIR, ARGS (LightningCLI overrides for training),
+# N, TEMPERATURE, SEED, BATCH (sampling), IMAGES (evaluate those images), INPUT (upscale/deepen),
+# PYTHON, TORCH (the torch requirement installed first when torch is missing).
+SHELL := /bin/bash
+.DELETE_ON_ERROR:
+.SUFFIXES:
+
+PYTHON ?= python3
+# The CPU wheel lies on disk on the machines this project is built on; a machine with a GPU
+# either has torch already (then nothing is installed) or asks for its build: make install TORCH=torch
+TORCH ?= torch==2.13.0
+EXP ?= fashion_mnist
+RUN_DIR ?= runs/$(EXP)
+ARGS ?=
+N ?= 16
+TEMPERATURE ?= 1.0
+SEED ?= 0
+BATCH ?= 16
+IMAGES ?=
+INPUT ?=
+
+CKPT := $(RUN_DIR)/checkpoints
+PIPELINE := $(PYTHON) -m pipeline
+RUN := --exp $(EXP) --run-dir $(RUN_DIR)
+INSTALLED := .installed
+# the stages of this experiment's cascade (no size SPN when S = 1, no depth SPN when b = n)
+STAGES = $(shell $(PIPELINE) stages --exp $(EXP) 2>/dev/null || echo first_slice size_spn depth_spn)
+STAGE_CKPTS = $(foreach s,$(STAGES),$(CKPT)/$(s).ckpt)
+
+.PHONY: install test test-fast demo data train-all train-first train-size train-depth sample evaluate \
+        upscale deepen bench clean
+
+install: $(INSTALLED)
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
+	$(PYTHON) -m pip install -e ".[dev]"
+	@touch $@
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+data: install
+	$(PIPELINE) data $(RUN)
+
+train-first: $(CKPT)/first_slice.ckpt
+train-size: $(CKPT)/size_spn.ckpt
+train-depth: $(CKPT)/depth_spn.ckpt
+train-all: install
+	@$(MAKE) --no-print-directory $(STAGE_CKPTS)
+
+# order-only prerequisites: the stages train in order, yet retraining one does not retrain the next
+$(CKPT)/first_slice.ckpt: | $(INSTALLED)
+	$(PIPELINE) train $(RUN) --stage first_slice $(ARGS)
+$(CKPT)/size_spn.ckpt: | $(INSTALLED) $(CKPT)/first_slice.ckpt
+	$(PIPELINE) train $(RUN) --stage size_spn $(ARGS)
+$(CKPT)/depth_spn.ckpt: | $(INSTALLED) $(filter-out $(CKPT)/depth_spn.ckpt,$(STAGE_CKPTS))
+	$(PIPELINE) train $(RUN) --stage depth_spn $(ARGS)
+
+sample: train-all
+	$(PIPELINE) sample $(RUN) --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)
+
+evaluate: train-all
+	$(PIPELINE) evaluate $(RUN) $(if $(IMAGES),--images $(IMAGES))
+
+upscale: train-all
+	$(PIPELINE) upscale $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED)
+
+deepen: train-all
+	$(PIPELINE) deepen $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED)
+
+demo: install
+	$(PIPELINE) data $(RUN)
+	@$(MAKE) --no-print-directory train-all sample evaluate
+
+bench: install
+	$(PYTHON) benchmarks/memory_per_slice.py
+	$(PYTHON) benchmarks/sampling_speed.py --exp $(EXP) --run-dir $(RUN_DIR)
+
+clean:
+	rm -rf $(RUN_DIR)

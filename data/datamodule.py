@@ -1,0 +1,105 @@
+"""`SubscaleDataModule`: the one LightningDataModule that feeds every stage.
+
+A batch is a dict of uint8 tensors:
+    image (B, H, W, C)  the image quantised to `bits` bits (x in DESIGN.md)
+    msb   (B, H, W, C)  its `high_bits` most significant bits (m)
+    lsb   (B, H, W, C)  its `bits - high_bits` least significant bits (l)
+Slicing into S*S sub-images happens in the stages, with `data.transforms.to_slices`.
+"""
+from __future__ import annotations
+
+import datasets
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.sources import prepare
+from data.transforms import check_settings, quantize, split_depth
+
+
+class ImageArrays(Dataset):
+    """Index a memory-mapped split; rows are read only when asked for."""
+
+    def __init__(self, split: datasets.Dataset, limit: int | None = None):
+        self.split = split.with_format("numpy", dtype=np.uint8)
+        self.length = len(split) if limit is None else min(limit, len(split))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.split[int(index)]["image"]
+
+    def __getitems__(self, indices: list[int]) -> np.ndarray:  # one Arrow read per batch
+        return self.split[[int(i) for i in indices]]["image"]
+
+
+class SubscaleDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source: dict,
+        image_size: int | list[int],
+        channels: int = 1,
+        bits: int = 8,
+        high_bits: int = 8,
+        subscale: int = 1,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_size: float = 0.05,
+        val_subset: int | None = 1000,
+        seed: int = 0,
+        cache_dir: str = "data_cache",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        check_settings(bits, high_bits, subscale, *self.image_size)
+        self.splits: datasets.DatasetDict | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.image_size, self.hparams.channels)
+
+    def prepare_data(self) -> None:  # once per node, before setup; writes the cache
+        self.cache_path()
+
+    def cache_path(self):
+        hp = self.hparams
+        return prepare(hp.source, hp.channels, self.image_size, hp.val_size, hp.seed, hp.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:  # every process: memory-map the cache
+        if self.splits is None:
+            self.splits = datasets.load_from_disk(str(self.cache_path()))
+            got = tuple(self.splits["train"].features["image"].shape)
+            if got != self.shape:
+                raise ValueError(f"cached images have shape {got}, config says {self.shape}; fix data.image_size/channels")
+
+    def collate(self, images: np.ndarray | list[np.ndarray]) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        x = quantize(torch.from_numpy(np.stack(images)), hp.bits)  # (B, H, W, C) uint8
+        msb, lsb = split_depth(x, hp.bits, hp.high_bits)
+        return {"image": x, "msb": msb, "lsb": lsb}
+
+    def loader(self, split: str, shuffle: bool, limit: int | None = None, batch_size: int | None = None):
+        self.setup()
+        hp = self.hparams
+        return DataLoader(
+            ImageArrays(self.splits[split], limit),
+            batch_size=batch_size or (hp.batch_size if shuffle else hp.eval_batch_size or hp.batch_size),
+            shuffle=shuffle,  # Lightning swaps in a DistributedSampler under DDP
+            drop_last=shuffle,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            collate_fn=self.collate,
+        )
+
+    def train_dataloader(self):
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self):  # a fixed, ordered subset: the exact NLL over all slices is costly
+        return self.loader("val", shuffle=False, limit=self.hparams.val_subset)
+
+    def test_dataloader(self):
+        return self.loader("test", shuffle=False)

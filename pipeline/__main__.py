@@ -1,0 +1,58 @@
+"""The one command line of the project: `python -m pipeline <command> ...` (the Makefile calls it)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, help):
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--exp", default=None, help="experiment name in conf/experiments/ or a YAML path")
+        c.add_argument("--run-dir", default=None, help="folder of the run (default runs/<exp>)")
+        return c
+
+    command("stages", "print the stages of the experiment's cascade")
+    command("data", "prepare the experiment's data cache once")
+    train = command("train", "train (or resume) one stage")
+    train.add_argument("--stage", required=True, choices=["first_slice", "size_spn", "depth_spn"])
+    train.add_argument("overrides", nargs="*", help="LightningCLI overrides, e.g. --trainer.max_steps=100")
+    return p
+
+
+def main(argv=None) -> int:
+    from pipeline.config import ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    # LightningCLI overrides start with "--" too: everything after the known flags is theirs
+    args, rest = parser().parse_known_args(argv)
+    if rest:
+        if args.command != "train":
+            parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*getattr(args, "overrides", []), *rest]
+    args.run_dir = args.run_dir or f"runs/{args.exp or 'fashion_mnist'}"
+    try:
+        if args.command == "stages":
+            from pipeline.config import load_experiment, stage_names
+
+            print(" ".join(stage_names(load_experiment(args.exp))))
+        elif args.command == "data":
+            from pipeline.data import main as run
+            run(args)
+        elif args.command == "train":
+            from pipeline.train import main as run
+            run(args)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Experiment configs: `conf/trainer.yaml` (shared defaults) + `conf/experiments/<name>.yaml`.
+
+An experiment file has three parts:
+
+    data:    arguments of SubscaleDataModule, shared by every stage (geometry: S, bits, b, ...)
+    trainer: Trainer arguments for every stage (optional)
+    stages:  {first_slice|size_spn|depth_spn: {model: <stage arguments>, trainer: <overrides>}}
+
+`lightning_config` composes them into the LightningCLI config of one stage, which
+`pipeline.train` writes to `$(RUN_DIR)/config/<stage>.yaml` and hands to LightningCLI.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+DEFAULT_EXPERIMENT = "fashion_mnist"
+STAGE_ORDER = ("first_slice", "size_spn", "depth_spn")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake: the message says what is wrong and what to do."""
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge; values of `override` win."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "experiments").glob("*.yaml"))
+
+
+def load_experiment(name: str | None = None) -> dict:
+    """The experiment `name` (or a path to a YAML file) merged over conf/trainer.yaml."""
+    name = name or DEFAULT_EXPERIMENT
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / "experiments" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no experiment {name!r}: {path} does not exist; "
+                          f"use EXP=<one of {', '.join(experiment_names())}>")
+    with open(path) as f:
+        experiment = yaml.safe_load(f) or {}
+    with open(CONF_DIR / "trainer.yaml") as f:
+        defaults = yaml.safe_load(f)
+    experiment = merge(defaults, experiment)
+    experiment.setdefault("name", path.stem)
+    for key in ("data", "stages"):
+        if key not in experiment:
+            raise ConfigError(f"experiment {path} has no '{key}' section; see conf/experiments/smoke.yaml")
+    return experiment
+
+
+def stage_names(experiment: dict) -> list[str]:
+    """The stages this experiment's cascade has: no size SPN when S = 1, no depth SPN when b = n."""
+    data = experiment["data"]
+    names = ["first_slice"]
+    if data.get("subscale", 1) > 1:
+        names.append("size_spn")
+    if data.get("high_bits", 8) < data.get("bits", 8):
+        names.append("depth_spn")
+    return names
+
+
+def resolve_precision(precision) -> str:
+    """'auto': bf16 mixed precision on GPUs that support it, full precision elsewhere."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def wandb_mode() -> str:
+    """online when asked for or logged in; disabled when asked for; offline otherwise."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("online", "offline", "disabled"):
+        return mode
+    if mode == "dryrun":
+        return "offline"
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        import netrc
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+        if netrc.netrc().authenticators(host):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+def lightning_config(experiment: dict, stage: str, run_dir: str | Path) -> dict:
+    """The LightningCLI config (model, data, trainer) of one stage of the experiment."""
+    if stage not in STAGE_ORDER:
+        raise ConfigError(f"unknown stage {stage!r}: use one of {', '.join(STAGE_ORDER)}")
+    if stage not in stage_names(experiment):
+        raise ConfigError(f"experiment {experiment['name']!r} has no {stage} stage "
+                          f"(its stages: {', '.join(stage_names(experiment))})")
+    spec = experiment["stages"].get(stage) or {}
+    trainer = merge(experiment.get("trainer", {}), spec.get("trainer", {}))
+    trainer["precision"] = resolve_precision(trainer.get("precision", "auto"))
+    trainer["default_root_dir"] = str(run_dir)
+    wandb = experiment.get("wandb", {})
+    trainer["logger"] = {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {
+            "project": os.environ.get("WANDB_PROJECT", wandb.get("project", "subscale-pixel-networks")),
+            "group": experiment["name"],
+            "job_type": stage,
+            "name": f"{experiment['name']}-{stage}",
+            "save_dir": str(run_dir),
+            "mode": wandb_mode(),
+        },
+    }
+    return {
+        "seed_everything": experiment.get("seed", 0),
+        "model": spec.get("model", {}),
+        "data": experiment["data"],
+        "trainer": trainer,
+    }

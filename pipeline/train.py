@@ -1,0 +1,99 @@
+"""Train one stage of the cascade: `python -m pipeline train --exp EXP --stage STAGE [LightningCLI overrides]`.
+
+Writes `$(RUN_DIR)/checkpoints/<stage>.ckpt` only when the stage finishes (write, then
+rename); while training, `checkpoints/<stage>/last.ckpt` is kept every
+`checkpoint_every` steps and a later call resumes from it, in the same W&B run.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from data.datamodule import SubscaleDataModule
+from pipeline.config import lightning_config, load_experiment
+from stages import STAGES
+
+GEOMETRY = ("image_size", "channels", "bits", "high_bits", "subscale")
+
+
+def batch_size(batch: dict) -> int:
+    return batch["image"].shape[0]
+
+
+class LogConfigToLogger(SaveConfigCallback):
+    """Log the full composed config (model, data, trainer) as the W&B run's config."""
+
+    def save_config(self, trainer, pl_module, stage) -> None:
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams(self.config.as_dict())
+
+
+class StageCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        for key in GEOMETRY:  # the data module owns the geometry; every stage inherits it
+            parser.link_arguments(f"data.{key}", f"model.{key}")
+
+
+def wandb_run_id(folder: Path) -> str:
+    """One W&B run per stage, kept across resumptions."""
+    path = folder / "wandb_id"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex[:8])
+    return path.read_text().strip()
+
+
+def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = (),
+                extra_callbacks: list = ()) -> Path:
+    """Train (or resume) one stage; return the final checkpoint path."""
+    experiment = load_experiment(exp)
+    run_dir = Path(run_dir)
+    config = lightning_config(experiment, stage, run_dir)
+    work = run_dir / "checkpoints" / stage  # resumable state of an unfinished stage
+    config["trainer"]["logger"]["init_args"].update(id=wandb_run_id(work), resume="allow")
+    config_path = run_dir / "config" / f"{stage}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    if config["trainer"]["logger"]["init_args"]["mode"] == "offline":
+        print(f"W&B is offline: runs are kept in {run_dir / 'wandb'}; upload them later with "
+              f"`wandb sync {run_dir / 'wandb'}/offline-run-*` (or `wandb login` first to log online)")
+    checkpoint = ModelCheckpoint(dirpath=work, save_last=True, save_top_k=0,
+                                 every_n_train_steps=experiment.get("checkpoint_every", 200))
+    cli = StageCLI(
+        STAGES[stage], SubscaleDataModule, run=False,
+        args=["--config", str(config_path), *overrides],
+        save_config_callback=LogConfigToLogger, save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [checkpoint, LearningRateMonitor("step"),
+                                        ThroughputMonitor(batch_size_fn=batch_size), *extra_callbacks]},
+    )
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    last = work / "last.ckpt"
+    if last.exists():
+        print(f"resuming {stage} from {last}")
+    trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"{stage} interrupted at step {trainer.global_step}; "
+                                f"make the same target again to resume from {last}")
+    if trainer.val_check_interval and trainer.global_step % int(trainer.val_check_interval):
+        trainer.validate(model, datamodule=data)  # val/bpd at the final weights
+    final = run_dir / "checkpoints" / f"{stage}.ckpt"
+    partial = final.with_suffix(".ckpt.partial")
+    trainer.save_checkpoint(partial)
+    if trainer.is_global_zero:
+        os.replace(partial, final)
+    if trainer.logger is not None and hasattr(trainer.logger, "experiment"):
+        import wandb
+
+        wandb.finish()
+    print(f"{stage}: wrote {final}")
+    return final
+
+
+def main(args) -> None:
+    train_stage(args.exp, args.stage, args.run_dir, args.overrides)

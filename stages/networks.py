@@ -1,0 +1,190 @@
+"""The two networks of a Subscale Pixel Network (paper, section 3), free of Lightning.
+
+* `ConditioningNetwork` embeds the context of target slice k: the known slices stacked
+  along channels at slice resolution, plus the meta-position k. Because the stacked
+  slices are spatially aligned, a 3x3 convolution over the stack sees a neighbourhood
+  of the full-resolution image. Unmasked self-attention over the positions follows.
+* `SliceDecoder` is a causal transformer over the T = h*w*C sub-pixels of one slice
+  (pixels in raster order, channels in order), each position conditioned on the context
+  feature of its own pixel, with a key/value cache for incremental decoding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+
+@dataclass
+class DecoderConfig:
+    n_values: int  # categories per sub-pixel: 2**bits
+    length: int  # T = h * w * C sub-pixels in one slice
+    channels: int  # C: sub-pixels per pixel
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    context_width: int = 0  # 0: unconditional (the first-slice decoder)
+    dropout: float = 0.0
+
+
+@dataclass
+class ContextConfig:
+    in_channels: int  # channels of the stacked known slices (and their presence masks)
+    n_slices: int  # meta-positions k = 0 .. S*S-1
+    positions: int  # h * w pixels of one slice
+    width: int = 128
+    layers: int = 4  # residual 3x3 convolution blocks
+    attention_layers: int = 1
+    heads: int = 4
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0 .. T-1, filled one step at a time."""
+
+    def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, device, dtype):
+        shape = (batch, heads, length, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width={width} is not divisible by heads={heads}: pick heads dividing width")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, causal: bool, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        if cache is not None:  # x holds positions pos .. pos+t-1; attend to everything cached so far
+            end = pos + x.shape[1]
+            cache.keys[layer][:, :, pos:end] = k
+            cache.values[layer][:, :, pos:end] = v
+            k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+            causal = causal and x.shape[1] > 1
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        self.causal = causal
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = SelfAttention(width, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
+        x = x + self.attention(self.norm1(x), self.causal, cache, layer, pos)
+        return x + self.mlp(self.norm2(x))
+
+
+class ResidualConv(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.GroupNorm(1, width), nn.GELU(), nn.Conv2d(width, width, 3, padding=1),
+                                  nn.GroupNorm(1, width), nn.GELU(), nn.Conv2d(width, width, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ConditioningNetwork(nn.Module):
+    def __init__(self, cfg: ContextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.stem = nn.Conv2d(cfg.in_channels, cfg.width, 3, padding=1)
+        self.meta_position = nn.Embedding(cfg.n_slices, cfg.width)
+        self.convs = nn.Sequential(*[ResidualConv(cfg.width) for _ in range(cfg.layers)])
+        self.position = nn.Parameter(torch.zeros(cfg.positions, cfg.width))
+        self.attention = nn.ModuleList(Block(cfg.width, cfg.heads, causal=False) for _ in range(cfg.attention_layers))
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, stack: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """stack (B, in_channels, h, w), k (B,) -> context (B, h*w, width), one vector per pixel."""
+        x = self.stem(stack) + self.meta_position(k)[:, :, None, None]
+        x = rearrange(self.convs(x), "b d h w -> b (h w) d") + self.position
+        for block in self.attention:
+            x = block(x)
+        return self.norm(x)
+
+
+class SliceDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.start_token = cfg.n_values  # input at position 0, before any sub-pixel is known
+        self.value_embedding = nn.Embedding(cfg.n_values + 1, cfg.width)
+        self.position = nn.Parameter(torch.randn(cfg.length, cfg.width) * 0.02)
+        self.context_projection = nn.Linear(cfg.context_width, cfg.width) if cfg.context_width else None
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.n_values)
+
+    def context_tokens(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-pixel context (B, h*w, Dc) -> per-sub-pixel input term (B, T, width)."""
+        if context is None:
+            return None
+        return repeat(self.context_projection(context), "b p d -> b (p c) d", c=self.cfg.channels)
+
+    def forward(self, values: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """values (B, T) long -> logits (B, T, n_values); position t sees values < t only."""
+        start = torch.full_like(values[:, :1], self.start_token)
+        inputs = torch.cat([start, values[:, :-1]], dim=1)  # shifted right by one
+        x = self.value_embedding(inputs) + self.position[: values.shape[1]]
+        ctx = self.context_tokens(context)
+        if ctx is not None:
+            x = x + ctx[:, : values.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def new_cache(self, batch: int, device, dtype=torch.float32) -> KVCache:
+        cfg = self.cfg
+        return KVCache(cfg.layers, batch, cfg.heads, cfg.length, cfg.width // cfg.heads, device, dtype)
+
+    def step(self, previous: torch.Tensor, t: int, ctx: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """One cached step: the value at t-1 (start token at t = 0) -> logits (B, n_values) for t."""
+        x = self.value_embedding(previous)[:, None] + self.position[t]
+        if ctx is not None:
+            x = x + ctx[:, t : t + 1]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer, t)
+        return self.head(self.norm(x))[:, 0]
+
+    @torch.no_grad()
+    def sample(self, batch: int, context: torch.Tensor | None = None, temperature: float = 1.0,
+               generator: torch.Generator | None = None, cached: bool = True, progress=None):
+        """Draw (B, T) values; also return their log-probability at temperature 1, (B,) nats.
+
+        cached=False recomputes the decoder over the whole prefix at every step (the slow
+        reference that the key/value cache must agree with).
+        """
+        device = self.position.device
+        ctx = self.context_tokens(context)
+        values = torch.zeros(batch, self.cfg.length, dtype=torch.long, device=device)
+        log_prob = torch.zeros(batch, device=device)
+        cache = self.new_cache(batch, device, self.position.dtype) if cached else None
+        previous = torch.full((batch,), self.start_token, dtype=torch.long, device=device)
+        for t in range(self.cfg.length):
+            if cached:
+                logits = self.step(previous, t, ctx, cache)
+            else:
+                logits = self.forward(values[:, : t + 1], None if context is None else context)[:, t]
+            log_p = F.log_softmax(logits.float(), dim=-1)
+            probs = F.softmax(logits.float() / temperature, dim=-1)
+            previous = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            values[:, t] = previous
+            log_prob += log_p.gather(1, previous[:, None])[:, 0]
+            if progress is not None:
+                progress.update(1)
+        return values, log_prob

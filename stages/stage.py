@@ -1,0 +1,277 @@
+"""The three stages of the cascade as thin LightningModules around the shared networks.
+
+    FirstSliceDecoder  log p(m_0)                  unconditional decoder over the first MSB slice
+    SizeSPN            log p(m_k | m_<k), k >= 1   size-upscaling SPN, weights shared over k
+    DepthSPN           log p(l_k | m, l_<k)        depth-upscaling SPN, weights shared over k
+
+Every stage works on `known`, a dict of slices {"msb": (B, S*S, h, w, C), "lsb": ...};
+the stages differ only in which slices they model and what they condition on.
+Training uses the paper's Monte-Carlo estimator (one random target slice per example,
+times the number of slices); validation computes the exact NLL over all of them.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torchmetrics import MeanMetric
+
+from data.transforms import check_settings, from_slices, merge_depth, to_slices
+from stages.metrics import bits_per_dim
+from stages.networks import ConditioningNetwork, ContextConfig, DecoderConfig, SliceDecoder
+
+
+def scaled(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer values of `bits` bits -> floats in [-1, 1]."""
+    return values.float() * (2.0 / max(2**bits - 1, 1)) - 1.0
+
+
+class SubscaleStage(L.LightningModule):
+    stage = ""  # name of the stage: its checkpoint file and W&B job_type
+
+    def __init__(
+        self,
+        image_size: int | list[int] = 28,
+        channels: int = 1,
+        bits: int = 8,
+        high_bits: int = 8,
+        subscale: int = 1,
+        width: int = 128,
+        layers: int = 4,
+        heads: int = 4,
+        dropout: float = 0.0,
+        context_width: int = 128,
+        context_layers: int = 4,
+        context_attention_layers: int = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 200,
+        compile: bool = False,
+        sample_grid: int = 8,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        check_settings(bits, high_bits, subscale, self.height, self.width)
+        self.S, self.C = subscale, channels
+        self.h, self.w = self.height // subscale, self.width // subscale
+        self.dims = self.height * self.width * channels  # bits/dim is per sub-pixel of the whole image
+        self.check_geometry()
+        context = self.context_channels()
+        self.context_net = None if context == 0 else ConditioningNetwork(ContextConfig(
+            in_channels=context, n_slices=subscale**2, positions=self.h * self.w, width=context_width,
+            layers=context_layers, attention_layers=context_attention_layers, heads=heads))
+        self.decoder = SliceDecoder(DecoderConfig(
+            n_values=2**self.value_bits, length=self.h * self.w * channels, channels=channels, width=width,
+            layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout))
+        self.val_nll = MeanMetric()
+        self.slice_ids = torch.tensor(self.modelled_slices())
+
+    # ------------------------------------------------------------ what each stage models
+    value_bits: int  # bits of the modelled sub-pixels
+
+    def check_geometry(self) -> None:
+        pass
+
+    def modelled_slices(self) -> list[int]:
+        raise NotImplementedError
+
+    def context_channels(self) -> int:
+        """Channels of the stacked context at slice resolution (0: no conditioning)."""
+        return 0
+
+    def context_stack(self, known: dict, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, known: dict) -> torch.Tensor:
+        """The modelled slices (B, S*S, h, w, C)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ shared machinery
+    def sliced(self, batch: dict) -> dict:
+        return {part: to_slices(batch[part], self.S) for part in ("msb", "lsb")}
+
+    def known_mask(self, k: torch.Tensor) -> torch.Tensor:
+        """(B,) target slice ids -> (B, S*S) float, 1 for the slices before k."""
+        return (torch.arange(self.S**2, device=k.device)[None] < k[:, None]).float()
+
+    def context(self, known: dict, k: torch.Tensor) -> torch.Tensor | None:
+        if self.context_net is None:
+            return None
+        return self.context_net(self.context_stack(known, k), k)  # (B, h*w, context_width)
+
+    def slice_nll(self, known: dict, k: torch.Tensor) -> torch.Tensor:
+        """Exact NLL in nats of slice k[b] of each example given its true earlier context, (B,)."""
+        target = self.target(known)[torch.arange(len(k), device=k.device), k]  # (B, h, w, C)
+        values = rearrange(target, "b h w c -> b (h w c)").long()
+        logits = self.decoder(values, self.context(known, k))  # (B, T, n_values)
+        return F.cross_entropy(logits.transpose(1, 2), values, reduction="none").sum(1)
+
+    def nll(self, known: dict) -> torch.Tensor:
+        """Exact NLL in nats of all of this stage's slices, (B,)."""
+        batch = known["msb"].shape[0]
+        return sum(self.slice_nll(known, torch.full((batch,), k, device=self.device)) for k in self.modelled_slices())
+
+    @torch.no_grad()
+    def sample_slice(self, known: dict, k: int, temperature: float = 1.0, generator=None, progress=None):
+        """Draw slice k given `known`; returns values (B, h, w, C) and their log-prob (B,) at temperature 1."""
+        batch = known["msb"].shape[0]
+        ids = torch.full((batch,), k, device=self.device)
+        values, log_prob = self.decoder.sample(batch, self.context(known, ids), temperature, generator,
+                                               progress=progress)
+        return rearrange(values, "b (h w c) -> b h w c", h=self.h, w=self.w), log_prob
+
+    # ------------------------------------------------------------ Lightning
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.decoder.compile()
+            if self.context_net is not None:
+                self.context_net.compile()
+
+    def training_step(self, batch, batch_idx):
+        known = self.sliced(batch)
+        ids = self.slice_ids.to(self.device)
+        k = ids[torch.randint(len(ids), (batch["msb"].shape[0],), device=self.device)]
+        estimate = len(ids) * self.slice_nll(known, k)  # unbiased estimate of the stage's NLL, (B,)
+        loss = estimate.mean() / self.dims  # nats per dim of the whole image
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bpd", bits_per_dim(estimate.mean(), self.dims))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        known = self.sliced(batch)
+        self.val_nll.update(self.nll(known))
+        if batch_idx == 0 and self.hparams.sample_grid and self.trainer.is_global_zero:
+            self.log_sample_grid(batch)
+
+    def on_validation_epoch_end(self):
+        self.log("val/bpd", bits_per_dim(self.val_nll.compute(), self.dims), prog_bar=True)
+        self.val_nll.reset()
+
+    def log_sample_grid(self, batch):
+        """Log true images (top) over the stage's samples given the true context (bottom)."""
+        log_image = getattr(self.logger, "log_image", None)
+        if log_image is None:
+            return
+        n = min(self.hparams.sample_grid, batch["msb"].shape[0])
+        truth = {part: batch[part][:n] for part in ("msb", "lsb")}
+        known = self.sliced(truth)
+        drawn = {part: value.clone() for part, value in known.items()}
+        generator = torch.Generator(self.device).manual_seed(0)
+        part = "lsb" if self.stage == "depth_spn" else "msb"
+        for k in self.modelled_slices():
+            drawn[part][:, k] = self.sample_slice(known, k, generator=generator)[0].to(drawn[part].dtype)
+        rows = [self.picture(truth), self.picture({p: from_slices(v, self.S) for p, v in drawn.items()})]
+        grid = rearrange(torch.stack(rows), "r n h w c -> (r h) (n w) c").cpu().numpy()
+        log_image(key="val/samples", images=[grid.squeeze(-1) if self.C == 1 else grid],
+                  caption=["top: data; bottom: samples given the true context"])
+
+    def picture(self, parts: dict) -> torch.Tensor:
+        """MSB (+ LSB) -> uint8 image at 8 bits; the first-slice decoder shows its slice only."""
+        hp = self.hparams
+        x = merge_depth(parts["msb"].long(), parts["lsb"].long(), hp.bits, hp.high_bits)
+        if self.stage == "first_slice":
+            x = to_slices(x, self.S)[:, 0].repeat_interleave(self.S, 1).repeat_interleave(self.S, 2)
+        if self.stage != "depth_spn":  # the LSB shown are the true ones only for the depth stage
+            x = (x >> (hp.bits - hp.high_bits)) << (hp.bits - hp.high_bits)
+        return (x << (8 - hp.bits)).to(torch.uint8)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=(0.9, 0.95))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def schedule(step: int) -> float:  # linear warmup, then cosine decay to 0
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class FirstSliceDecoder(SubscaleStage):
+    """log p(m_0): the first slice of the MSB image, unconditionally."""
+
+    stage = "first_slice"
+
+    @property
+    def value_bits(self) -> int:
+        return self.hparams.high_bits
+
+    def modelled_slices(self):
+        return [0]
+
+    def target(self, known):
+        return known["msb"]
+
+
+class SizeSPN(SubscaleStage):
+    """log p(m_k | m_<k) for k = 1 .. S*S-1."""
+
+    stage = "size_spn"
+
+    @property
+    def value_bits(self) -> int:
+        return self.hparams.high_bits
+
+    def check_geometry(self):
+        if self.S < 2:
+            raise ValueError("the size SPN needs subscale >= 2 (with S = 1 the first slice is the whole image)")
+
+    def modelled_slices(self):
+        return list(range(1, self.S**2))
+
+    def context_channels(self):
+        return self.S**2 * self.C + self.S**2  # MSB slices (future ones zeroed) + presence masks
+
+    def context_stack(self, known, k):
+        present = self.known_mask(k)  # (B, S*S)
+        msb = scaled(known["msb"], self.hparams.high_bits) * present[:, :, None, None, None]
+        mask = present[:, :, None, None].expand(-1, -1, self.h, self.w)
+        return torch.cat([rearrange(msb, "b k h w c -> b (k c) h w"), mask], dim=1)
+
+    def target(self, known):
+        return known["msb"]
+
+
+class DepthSPN(SubscaleStage):
+    """log p(l_k | m, l_<k) for k = 0 .. S*S-1: the low bits given all the high bits."""
+
+    stage = "depth_spn"
+
+    @property
+    def value_bits(self) -> int:
+        return self.hparams.bits - self.hparams.high_bits
+
+    def check_geometry(self):
+        if self.hparams.high_bits >= self.hparams.bits:
+            raise ValueError("the depth SPN needs high_bits < bits (with b = n there are no low bits to model)")
+
+    def modelled_slices(self):
+        return list(range(self.S**2))
+
+    def context_channels(self):
+        return 2 * self.S**2 * self.C + self.S**2  # all MSB slices + LSB slices < k + presence masks
+
+    def context_stack(self, known, k):
+        hp = self.hparams
+        present = self.known_mask(k)
+        msb = scaled(known["msb"], hp.high_bits)
+        lsb = scaled(known["lsb"], hp.bits - hp.high_bits) * present[:, :, None, None, None]
+        mask = present[:, :, None, None].expand(-1, -1, self.h, self.w)
+        return torch.cat([rearrange(msb, "b k h w c -> b (k c) h w"),
+                          rearrange(lsb, "b k h w c -> b (k c) h w"), mask], dim=1)
+
+    def target(self, known):
+        return known["lsb"]
+
+
+STAGES = {cls.stage: cls for cls in (FirstSliceDecoder, SizeSPN, DepthSPN)}
