@@ -26,7 +26,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,12 @@ def to_channels(image: Image.Image, channels: int) -> np.ndarray:
 
 def fit(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
     """Centre crop to the aspect ratio of `size` (H, W), resize, convert: (H, W, C) uint8."""
-    if image.size != (size[1], size[0]):
-        image = ImageOps.fit(image, (size[1], size[0]), method=Image.Resampling.BICUBIC)
+    height, width = size
+    if image.size != (width, height):
+        w, h = image.size
+        crop_w, crop_h = min(w, round(h * width / height)), min(h, round(w * height / width))
+        left, top = (w - crop_w) // 2, (h - crop_h) // 2
+        image = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BICUBIC)
     return to_channels(image, channels)
 
 

@@ -20,6 +20,19 @@ def parser() -> argparse.ArgumentParser:
     train = command("train", "train (or resume) one stage")
     train.add_argument("--stage", required=True, choices=["first_slice", "size_spn", "depth_spn"])
     train.add_argument("overrides", nargs="*", help="LightningCLI overrides, e.g. --trainer.max_steps=100")
+    for name, help in (("sample", "draw new images through the cascade"),
+                       ("upscale", "super-resolution: INPUT is slice 0, draw the other slices"),
+                       ("deepen", "bit-depth expansion: keep INPUT's high bits, draw the low bits")):
+        c = command(name, help)
+        c.add_argument("--n", type=int, default=16, help="number of images")
+        c.add_argument("--temperature", type=float, default=1.0)
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--batch", type=int, default=16)
+        if name != "sample":
+            c.add_argument("--input", required=True, help="the image to condition on (PNG)")
+    evaluate = command("evaluate", "exact bits/dim of the cascade and of each stage")
+    evaluate.add_argument("--images", default=None, help=".npz with 'images', or a folder of images")
+    evaluate.add_argument("--batch", type=int, default=250)
     return p
 
 
@@ -44,6 +57,12 @@ def main(argv=None) -> int:
             run(args)
         elif args.command == "train":
             from pipeline.train import main as run
+            run(args)
+        elif args.command in ("sample", "upscale", "deepen"):
+            from pipeline import sample
+            {"sample": sample.main, "upscale": sample.upscale, "deepen": sample.deepen}[args.command](args)
+        elif args.command == "evaluate":
+            from pipeline.evaluate import main as run
             run(args)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

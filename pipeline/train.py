@@ -76,9 +76,13 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
     last = work / "last.ckpt"
     if last.exists():
         print(f"resuming {stage} from {last}")
-    trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    except SystemExit:  # Lightning's answer to Ctrl+C, after its graceful shutdown
+        if not trainer.interrupted:
+            raise
     if trainer.interrupted:
-        raise KeyboardInterrupt(f"{stage} interrupted at step {trainer.global_step}; "
+        raise KeyboardInterrupt(f"{stage} stopped at step {trainer.global_step}; "
                                 f"make the same target again to resume from {last}")
     if trainer.val_check_interval and trainer.global_step % int(trainer.val_check_interval):
         trainer.validate(model, datamodule=data)  # val/bpd at the final weights

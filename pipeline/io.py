@@ -1,0 +1,93 @@
+"""Reading user images and writing outputs without ever leaving a half-written file."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def save_png(path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())
+
+
+def save_gif(path, frames: list[np.ndarray], ms_per_frame: int = 250) -> None:
+    pictures = [Image.fromarray(f.squeeze(-1) if f.shape[-1] == 1 else f) for f in frames]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=ms_per_frame, loop=0)
+    atomic_write(path, buffer.getvalue())
+
+
+def save_npz(path, **arrays) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write(path, buffer.getvalue())
+
+
+def save_json(path, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file -> (H, W, C) uint8 with C = 1 (grey) or 3 (RGB); other modes are converted."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file {path}: give INPUT=<path to a PNG>")
+    try:
+        image = Image.open(path)
+        image.load()
+    except Exception as error:
+        raise ValueError(f"cannot read {path} as an image ({error}); give a PNG file") from error
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def read_images(path: str | Path) -> np.ndarray:
+    """An .npz with `images` (N, H, W, C) uint8, a single image, or a folder of images -> (N, H, W, C)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        images = [read_image(f) for f in files]
+        if len({im.shape for im in images}) > 1:
+            raise ValueError(f"images in {path} differ in shape; give images of one shape")
+        return np.stack(images)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {path}: give IMAGES=<.npz with an 'images' array, or a folder>")
+        with np.load(path) as archive:
+            if "images" not in archive:
+                raise ValueError(f"{path} has no 'images' array (it has {', '.join(archive.files)})")
+            images = archive["images"]
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"{path}: 'images' must be uint8 of shape (N, H, W, C), got {images.dtype} {images.shape}")
+        return images
+    return read_image(path)[None]
+
+
+def check_shape(images: np.ndarray, expected: tuple[int, int, int], what: str) -> None:
+    if tuple(images.shape[1:]) != tuple(expected):
+        h, w, c = expected
+        raise ValueError(f"{what} has shape {tuple(images.shape[1:])} (H, W, C), expected {expected}: "
+                         f"give {h} x {w} images with {c} channel{'s' if c > 1 else ''} ({'RGB' if c == 3 else 'grey'})")

@@ -1,0 +1,35 @@
+import os
+
+import pytest
+import torch
+
+from stages import DepthSPN, FirstSliceDecoder, SizeSPN
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def no_wandb_by_default(monkeypatch):
+    """Tests log nothing to W&B unless they ask for it (the W&B test sets offline)."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+TINY = dict(width=16, layers=2, heads=2, context_width=16, context_layers=1, context_attention_layers=1)
+
+
+def make_stages(image_size=8, channels=1, bits=4, high_bits=2, subscale=2, seed=0, **net) -> dict:
+    """Freshly initialised stages of one geometry (random weights: the invariants hold for any)."""
+    torch.manual_seed(seed)
+    geometry = dict(image_size=image_size, channels=channels, bits=bits, high_bits=high_bits, subscale=subscale)
+    stages = {"first_slice": FirstSliceDecoder(**geometry, **{**TINY, **net})}
+    if subscale > 1:
+        stages["size_spn"] = SizeSPN(**geometry, **{**TINY, **net})
+    if high_bits < bits:
+        stages["depth_spn"] = DepthSPN(**geometry, **{**TINY, **net})
+    for stage in stages.values():
+        stage.eval()
+        with torch.no_grad():  # make the output layer matter: default init gives near-uniform logits
+            stage.decoder.head.weight.mul_(20)
+    return stages

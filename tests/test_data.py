@@ -1,0 +1,137 @@
+"""Every source kind, the real built-in data, and the DataModule's batches."""
+import hashlib
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.datamodule import SubscaleDataModule
+from data.sources import FASHION_MNIST_DIR, fashion_mnist, photo_patches, prepare
+
+HAVE_FASHION_MNIST = Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists()
+needs_fashion_mnist = pytest.mark.skipif(not HAVE_FASHION_MNIST,
+                                         reason="apt-get install dataset-fashion-mnist (CI installs it)")
+
+
+def random_images(n, h=12, w=10, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def load(path):
+    return datasets.load_from_disk(str(path)).with_format("numpy", dtype=np.uint8)
+
+
+def test_hub_source_through_a_local_parquet_repository(tmp_path):
+    """A hub name is resolved by `datasets.load_dataset`; a local folder of parquet files stands in."""
+    repo = tmp_path / "user_dataset" / "data"
+    repo.mkdir(parents=True)
+    for split, n in (("train", 20), ("test", 6)):
+        ds = datasets.Dataset.from_dict({"img": [Image.fromarray(a) for a in random_images(n)], "label": [0] * n},
+                                        features=datasets.Features({"img": datasets.Image(),
+                                                                    "label": datasets.Value("int64")}))
+        ds.to_parquet(str(repo / f"{split}-00000-of-00001.parquet"))
+    source = {"kind": "hub", "name": str(tmp_path / "user_dataset"), "image_column": "img"}
+    splits = load(prepare(source, channels=1, image_size=(8, 8), val_size=0.25, cache_dir=tmp_path / "cache"))
+    assert {s: len(d) for s, d in splits.items()} == {"train": 15, "val": 5, "test": 6}
+    assert splits["train"][0]["image"].shape == (8, 8, 1)
+
+
+def test_imagefolder_skips_and_counts_corrupt_files(tmp_path, caplog):
+    for split, n in (("train", 5), ("test", 3)):
+        folder = tmp_path / "images" / split
+        folder.mkdir(parents=True)
+        for i, array in enumerate(random_images(n, 16, 20, seed=n)):
+            Image.fromarray(array).save(folder / f"{i}.png")
+    (tmp_path / "images" / "train" / "broken.png").write_bytes(b"not a png at all")
+    source = {"kind": "imagefolder", "path": str(tmp_path / "images")}
+    with caplog.at_level("WARNING"):
+        splits = load(prepare(source, channels=3, image_size=(8, 8), val_size=0.2, cache_dir=tmp_path / "c"))
+    assert len(splits["train"]) + len(splits["val"]) == 5 and len(splits["test"]) == 3
+    assert "skipped 1 unreadable images" in caplog.text
+    # centre crop (16 x 20 -> 16 x 16) then resize to 8 x 8: red side margins of 2 pixels vanish
+    framed = np.full((16, 20, 3), 128, np.uint8)
+    framed[:, :2] = framed[:, -2:] = (255, 0, 0)
+    Image.fromarray(framed).save(tmp_path / "images" / "test" / "0.png")
+    splits = load(prepare(source, channels=3, image_size=(8, 8), val_size=0.2, cache_dir=tmp_path / "c2"))
+    assert any((splits["test"][i]["image"] == 128).all() for i in range(3))
+
+
+def test_source_without_a_usable_image_is_an_error(tmp_path):
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="no readable image|no usable image"):
+        prepare({"kind": "imagefolder", "path": str(tmp_path / "images")}, 1, (8, 8), cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "disk"])
+def test_local_arrow_parquet_and_saved_datasets(tmp_path, kind):
+    arrays = {"train": random_images(10, 8, 8), "test": random_images(4, 8, 8, seed=1)}
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(a) for a in arr]}, features=datasets.Features({"image": datasets.Image()}))
+        for s, arr in arrays.items()})
+    if kind == "disk":
+        dd.save_to_disk(str(tmp_path / "saved"))
+        source = {"kind": "disk", "path": str(tmp_path / "saved")}
+    else:
+        files = {}
+        for split, ds in dd.items():
+            path = tmp_path / f"{split}.{kind}"
+            if kind == "parquet":
+                ds.to_parquet(str(path))
+            else:
+                ds.save_to_disk(str(tmp_path / f"{split}_arrow"))
+                path = next((tmp_path / f"{split}_arrow").glob("*.arrow"))
+            files[split] = str(path)
+        source = {"kind": kind, "data_files": files}
+    splits = load(prepare(source, channels=3, image_size=None, val_size=0.2, cache_dir=tmp_path / "c"))
+    assert len(splits["test"]) == 4 and len(splits["train"]) + len(splits["val"]) == 10
+    test_bytes = {splits["test"][i]["image"].tobytes() for i in range(4)}
+    assert test_bytes == {a.tobytes() for a in arrays["test"]}  # exact pixels, no resizing
+
+
+def test_unknown_source_kind_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown data source kind 'ftp'"):
+        prepare({"kind": "ftp"}, 1, (8, 8), cache_dir=tmp_path)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_is_the_real_data():
+    splits = fashion_mnist()
+    assert splits["train"].shape == (60000, 28, 28, 1) and splits["test"].shape == (10000, 28, 28, 1)
+    assert splits["train"].mean() == pytest.approx(72.94, abs=0.05)
+
+
+def test_photo_patches_are_in_one_split_only():
+    splits = photo_patches(patch_size=32)
+    digests = {split: {hashlib.sha1(p.tobytes()).hexdigest() for p in patches} for split, patches in splits.items()}
+    assert all(len(d) > 50 for d in digests.values())
+    assert not digests["train"] & digests["val"] and not digests["train"] & digests["test"] \
+        and not digests["val"] & digests["test"]
+    assert splits["test"].shape[1:] == (32, 32, 3) and splits["test"].dtype == np.uint8
+
+
+@needs_fashion_mnist
+def test_datamodule_batches(tmp_path):
+    data = SubscaleDataModule(source={"kind": "fashion_mnist"}, image_size=28, channels=1, bits=5, high_bits=3,
+                              subscale=4, batch_size=8, val_subset=20, cache_dir=str(tmp_path))
+    data.prepare_data()
+    data.setup("fit")
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 60000 and len(data.splits["test"]) == 10000
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"image", "msb", "lsb"}
+    for value in batch.values():
+        assert value.shape == (8, 28, 28, 1) and value.dtype == torch.uint8
+    assert batch["image"].max() < 32 and batch["msb"].max() < 8 and batch["lsb"].max() < 4
+    assert torch.equal((batch["msb"] << 2) | batch["lsb"], batch["image"])
+    first = [b["image"] for b in data.val_dataloader()]
+    again = [b["image"] for b in data.val_dataloader()]
+    assert sum(len(b) for b in first) == 20 and all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_datamodule_rejects_bad_geometry():
+    with pytest.raises(ValueError, match="not divisible by subscale=3"):
+        SubscaleDataModule(source={"kind": "photos"}, image_size=32, channels=3, subscale=3)
