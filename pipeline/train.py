@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,8 @@ from data.datamodule import SubscaleDataModule
 from pipeline.config import lightning_config, load_experiment
 from stages import STAGES
 
+# the models report no FLOPs; images per second is what ThroughputMonitor is here for
+warnings.filterwarnings("ignore", message=".*define a `flops_per_batch`.*")
 GEOMETRY = ("image_size", "channels", "bits", "high_bits", "subscale")
 
 
@@ -70,7 +73,7 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
         args=["--config", str(config_path), *overrides],
         save_config_callback=LogConfigToLogger, save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [checkpoint, LearningRateMonitor("step"),
-                                        ThroughputMonitor(batch_size_fn=batch_size), *extra_callbacks]},
+                                        ThroughputMonitor(batch_size_fn=batch_size, window_size=10), *extra_callbacks]},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     last = work / "last.ckpt"

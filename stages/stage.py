@@ -110,6 +110,10 @@ class SubscaleStage(L.LightningModule):
         logits = self.decoder(values, self.context(known, k))  # (B, T, n_values)
         return F.cross_entropy(logits.transpose(1, 2), values, reduction="none").sum(1)
 
+    def estimate(self, known: dict, k: torch.Tensor) -> torch.Tensor:
+        """The paper's Monte-Carlo estimate of the stage's NLL from one slice per example, (B,)."""
+        return len(self.modelled_slices()) * self.slice_nll(known, k)
+
     def nll(self, known: dict) -> torch.Tensor:
         """Exact NLL in nats of all of this stage's slices, (B,)."""
         batch = known["msb"].shape[0]
@@ -135,7 +139,7 @@ class SubscaleStage(L.LightningModule):
         known = self.sliced(batch)
         ids = self.slice_ids.to(self.device)
         k = ids[torch.randint(len(ids), (batch["msb"].shape[0],), device=self.device)]
-        estimate = len(ids) * self.slice_nll(known, k)  # unbiased estimate of the stage's NLL, (B,)
+        estimate = self.estimate(known, k)  # unbiased estimate of the stage's NLL, (B,)
         loss = estimate.mean() / self.dims  # nats per dim of the whole image
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bpd", bits_per_dim(estimate.mean(), self.dims))

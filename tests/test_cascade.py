@@ -1,0 +1,72 @@
+"""The cascade as a whole: normalisation, sampling agrees with scoring, conditional sampling."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import make_stages
+from data.transforms import split_depth, to_slices
+from pipeline.cascade import Cascade
+
+
+def all_images(height, width, channels, bits):
+    values = torch.tensor(list(itertools.product(range(2**bits), repeat=height * width * channels)))
+    return values.reshape(-1, height, width, channels)
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(image_size=2, channels=1, bits=2, high_bits=1, subscale=2),  # all three stages, 256 images
+    dict(image_size=2, channels=3, bits=1, high_bits=1, subscale=2),  # colour, no depth stage, 4096 images
+    dict(image_size=2, channels=1, bits=3, high_bits=1, subscale=1),  # S = 1: no size stage, 4096 images
+])
+def test_probabilities_of_all_images_sum_to_one(geometry):
+    cascade = Cascade(make_stages(**geometry, seed=3))
+    images = all_images(geometry["image_size"], geometry["image_size"], geometry["channels"], geometry["bits"])
+    log_p = sum(cascade.log_prob(images).values()).double()
+    assert torch.logsumexp(log_p, 0).item() == pytest.approx(0.0, abs=1e-5)
+    assert log_p.max() - log_p.min() > 1.0  # a far-from-uniform distribution: the sum is not trivially 1
+
+
+def test_sampling_agrees_with_scoring():
+    cascade = Cascade(make_stages(image_size=8, channels=3, bits=4, high_bits=2, subscale=2, seed=1))
+    images, log_prob, _ = cascade.sample(6, generator=torch.Generator().manual_seed(0))
+    scored = sum(cascade.log_prob(images).values())
+    assert torch.allclose(log_prob, scored, atol=1e-4, rtol=0)
+
+
+def test_stage_shares_add_up_to_the_total():
+    cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))
+    images = torch.randint(0, 16, (5, 8, 8, 1))
+    parts = cascade.log_prob(images)
+    assert set(parts) == {"first_slice", "size_spn", "depth_spn"}
+    shares = {name: cascade.bpd(-lp.mean()) for name, lp in parts.items()}
+    assert sum(shares.values()) == pytest.approx(cascade.bpd(-sum(parts.values()).mean()), rel=1e-6)
+
+
+def test_same_seed_same_images():
+    cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))
+    first = cascade.sample(3, generator=torch.Generator().manual_seed(5))[0]
+    again = cascade.sample(3, generator=torch.Generator().manual_seed(5))[0]
+    other = cascade.sample(3, generator=torch.Generator().manual_seed(6))[0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_super_resolution_keeps_slice_zero():
+    cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))
+    low = torch.randint(0, 16, (3, 4, 4, 1))
+    m0, l0 = split_depth(low, 4, 2)
+    known = {"msb": torch.zeros(3, 4, 4, 4, 1, dtype=torch.long), "lsb": torch.zeros(3, 4, 4, 4, 1, dtype=torch.long)}
+    known["msb"][:, 0], known["lsb"][:, 0] = m0, l0
+    images, _, frames = cascade.sample(3, known=known, fixed_msb=[0], fixed_lsb=[0], frames=True)
+    assert torch.equal(to_slices(images, 2)[:, 0], low)
+    assert len(frames) == 1 + 3 + 3  # start, size slices 1..3, depth slices 1..3
+
+
+def test_bit_depth_expansion_keeps_the_high_bits():
+    cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))
+    image = torch.randint(0, 16, (2, 8, 8, 1))
+    msb, _ = split_depth(image, 4, 2)
+    images, _, _ = cascade.sample(2, known={"msb": to_slices(msb, 2)}, fixed_msb=range(4),
+                                  generator=torch.Generator().manual_seed(1))
+    assert torch.equal(split_depth(images, 4, 2)[0], msb)
+    assert not torch.equal(images, image)  # the low bits were drawn

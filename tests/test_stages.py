@@ -1,0 +1,120 @@
+"""Causality, the Monte-Carlo estimator, cached decoding and the paper-sized configs."""
+import pytest
+import torch
+from einops import rearrange
+
+from conftest import make_stages
+from pipeline.config import load_experiment
+from stages import STAGES
+
+
+def slice_logits(stage, known, k):
+    """Logits (B, T, V) of slice k given `known`, the way training and scoring compute them."""
+    ids = torch.full((known["msb"].shape[0],), k)
+    values = rearrange(stage.target(known)[:, k], "b h w c -> b (h w c)").long()
+    return stage.decoder(values, stage.context(known, ids))
+
+
+def random_known(stage, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, stage.S**2, stage.h, stage.w, stage.C)
+    hp = stage.hparams
+    return {"msb": torch.randint(0, 2**hp.high_bits, shape, generator=g),
+            "lsb": torch.randint(0, 2 ** (hp.bits - hp.high_bits), shape, generator=g)}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", ["first_slice", "size_spn", "depth_spn"])
+def test_prediction_ignores_later_subpixels_and_later_slices(name, channels):
+    stage = make_stages(image_size=8, channels=channels, bits=4, high_bits=2, subscale=2)[name]
+    part = "lsb" if name == "depth_spn" else "msb"
+    known = random_known(stage)
+    modelled = stage.modelled_slices()
+    T = stage.h * stage.w * stage.C
+    with torch.no_grad():
+        for k in modelled:
+            base = slice_logits(stage, known, k)
+            for t in (0, 1, T // 2, T - 1):  # change sub-pixel t of slice k: positions <= t must not move
+                changed = {p: v.clone() for p, v in known.items()}
+                flat = changed[part][:, k].reshape(2, -1)
+                flat[:, t] = (flat[:, t] + 1) % (int(known[part].max()) + 1)
+                changed[part][:, k] = flat.reshape(changed[part][:, k].shape)
+                after = slice_logits(stage, changed, k)
+                assert torch.allclose(after[:, : t + 1], base[:, : t + 1], atol=1e-5), (k, t)
+                if t + 1 < T:  # ... while the next position does see it (the test can fail)
+                    assert not torch.allclose(after[:, t + 1], base[:, t + 1], atol=1e-5)
+            later = [j for j in range(stage.S**2) if j > k]
+            if later:  # change every later slice, MSB and LSB alike
+                changed = {p: v.clone() for p, v in known.items()}
+                for p in ("msb", "lsb") if name != "depth_spn" else ("lsb",):
+                    changed[p][:, later] = (changed[p][:, later] + 1) % 2
+                assert torch.allclose(slice_logits(stage, changed, k), base, atol=1e-5), k
+            if name == "size_spn":  # the size SPN never sees low bits
+                changed = {"msb": known["msb"], "lsb": torch.zeros_like(known["lsb"])}
+                assert torch.allclose(slice_logits(stage, changed, k), base, atol=1e-5)
+
+
+def test_context_sees_earlier_slices():
+    """The conditioning actually conditions: changing an earlier slice changes the prediction."""
+    stage = make_stages(subscale=2)["size_spn"]
+    known = random_known(stage)
+    changed = {p: v.clone() for p, v in known.items()}
+    changed["msb"][:, 0] = (changed["msb"][:, 0] + 1) % 4
+    with torch.no_grad():
+        assert not torch.allclose(slice_logits(stage, changed, 3), slice_logits(stage, known, 3), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["first_slice", "size_spn", "depth_spn"])
+def test_monte_carlo_estimator_averages_to_the_exact_nll(name):
+    stage = make_stages(subscale=2)[name]
+    known = random_known(stage, batch=3)
+    slices = stage.modelled_slices()
+    with torch.no_grad():
+        exact = stage.nll(known)
+        estimates = [stage.estimate(known, torch.full((3,), k)) for k in slices]  # what training draws
+    assert torch.allclose(torch.stack(estimates).mean(0), exact, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cached_decoding_matches_the_full_forward_pass(channels):
+    stage = make_stages(channels=channels, subscale=2)["size_spn"]
+    known = random_known(stage)
+    ctx = stage.context(known, torch.full((2,), 1))
+    decoder = stage.decoder
+    with torch.no_grad():
+        values, _ = decoder.sample(2, ctx, generator=torch.Generator().manual_seed(0))
+        full = decoder(values, ctx)
+        cache, tokens = decoder.new_cache(2, "cpu"), decoder.context_tokens(ctx)
+        previous = torch.full((2,), decoder.start_token)
+        for t in range(values.shape[1]):
+            step = decoder.step(previous, t, tokens, cache)
+            assert torch.allclose(step, full[:, t], atol=1e-4), t
+            previous = values[:, t]
+        cached = decoder.sample(2, ctx, generator=torch.Generator().manual_seed(7))
+        uncached = decoder.sample(2, ctx, generator=torch.Generator().manual_seed(7), cached=False)
+    assert torch.equal(cached[0], uncached[0])
+    assert torch.allclose(cached[1], uncached[1], atol=1e-4)
+
+
+PAPER_EXPERIMENTS = ["celebahq256_5bit", "imagenet64", "photos32"]
+
+
+@pytest.mark.parametrize("experiment", PAPER_EXPERIMENTS)
+def test_paper_configs_run_one_step_on_random_data(experiment):
+    """The paper-sized settings instantiate and train one step with the network shrunk."""
+    config = load_experiment(experiment)
+    data = config["data"]
+    geometry = {k: data[k] for k in ("image_size", "channels", "bits", "high_bits", "subscale")}
+    size = data["image_size"]
+    x = torch.randint(0, 2 ** data["bits"], (1, size, size, data["channels"]))
+    low = data["bits"] - data["high_bits"]
+    batch = {"image": x, "msb": x >> low, "lsb": x & ((1 << low) - 1)}
+    for name, spec in config["stages"].items():
+        model_args = {**spec.get("model", {}), "width": 8, "layers": 1, "heads": 2, "context_width": 8,
+                      "context_layers": 1, "context_attention_layers": 0}
+        stage = STAGES[name](**geometry, **model_args)
+        optimizer = torch.optim.SGD(stage.parameters(), lr=0.1)
+        loss = len(stage.modelled_slices()) * stage.slice_nll(stage.sliced(batch), torch.tensor([stage.modelled_slices()[-1]]))
+        loss.mean().backward()
+        optimizer.step()
+        assert torch.isfinite(loss).all()

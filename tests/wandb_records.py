@@ -1,0 +1,47 @@
+"""Read the records of an offline W&B run file (`run-<id>.wandb`) back, for tests.
+
+The file is a W&B header followed by a LevelDB-style log of protobuf `Record`s:
+blocks of 32 KiB, each record chunk prefixed by crc32 (4 bytes), length (2, little
+endian) and type (1: full, 2: first, 3: middle, 4: last).
+"""
+import json
+import struct
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32 * 1024
+HEADER = 7  # ":W&B" + magic (2 bytes) + version (1 byte)
+
+
+def records(path):
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, pending = HEADER, b""
+    while pos + 7 <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < 7:  # block trailer padding
+            pos += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def history(path):
+    """Every logged row as a dict {key: value}."""
+    for record in records(path):
+        if record.WhichOneof("record_type") == "history":
+            yield {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+
+
+def run_info(path):
+    for record in records(path):
+        if record.WhichOneof("record_type") == "run":
+            return record.run
