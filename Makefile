@@ -78,6 +78,7 @@ demo: install
 	@$(MAKE) --no-print-directory train-all sample evaluate
 
 bench: install
+	$(PYTHON) benchmarks/train_throughput.py --exp $(EXP)
 	$(PYTHON) benchmarks/memory_per_slice.py
 	$(PYTHON) benchmarks/sampling_speed.py --exp $(EXP) --run-dir $(RUN_DIR)
 

@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from pipeline.config import ConfigError
+    from pipeline.config import DEFAULT_EXPERIMENT
 
     argv = sys.argv[1:] if argv is None else argv
     # LightningCLI overrides start with "--" too: everything after the known flags is theirs
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         if args.command != "train":
             parser().error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*getattr(args, "overrides", []), *rest]
-    args.run_dir = args.run_dir or f"runs/{args.exp or 'fashion_mnist'}"
+    args.run_dir = args.run_dir or f"runs/{args.exp or DEFAULT_EXPERIMENT}"
     try:
         if args.command == "stages":
             from pipeline.config import load_experiment, stage_names
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         elif args.command == "evaluate":
             from pipeline.evaluate import main as run
             run(args)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # a user's mistake: one line, what to do
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:

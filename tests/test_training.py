@@ -80,6 +80,12 @@ def test_bad_experiment_is_one_clear_line(tmp_path):
     assert "no experiment 'nope'" in result.stderr and "EXP=" in result.stderr
 
 
+def test_sampling_without_checkpoints_says_what_to_do(tmp_path):
+    result = run_pipeline("sample", "--exp", "smoke", "--run-dir", str(tmp_path))
+    assert result.returncode == 2 and "make train-all" in result.stderr
+    assert not (tmp_path / "samples").exists()
+
+
 def test_stage_list_follows_the_factorisation():
     assert stage_names(load_experiment("smoke")) == ["first_slice", "size_spn", "depth_spn"]
     experiment = load_experiment("smoke")
@@ -116,3 +122,25 @@ def test_make_train_all_sample_evaluate_end_to_end(tmp_path):
     assert report["n_images"] == 6
     assert np.allclose(-np.array(report["nll"]), samples["log_prob"], atol=1e-3)
     assert report["bpd"] == pytest.approx(sum(report["stages"].values()))
+
+    # super-resolution and bit-depth expansion of a PNG a user brings
+    from PIL import Image
+
+    image = samples["images"][0, :, :, 0]
+    Image.fromarray(image[::2, ::2]).save(tmp_path / "low.png")  # its slice 0: 4 x 4
+    Image.fromarray(image).save(tmp_path / "full.png")
+    up = subprocess.run([*make, "upscale", f"INPUT={tmp_path / 'low.png'}", "N=3"], capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr[-2000:]
+    upscaled = np.load(run_dir / "upscale" / "samples.npz")["images"]
+    assert upscaled.shape == (3, 8, 8, 1) and (upscaled[:, ::2, ::2, 0] == image[::2, ::2]).all()
+    deep = subprocess.run([*make, "deepen", f"INPUT={tmp_path / 'full.png'}", "N=3"], capture_output=True, text=True)
+    assert deep.returncode == 0, deep.stderr[-2000:]
+    deepened = np.load(run_dir / "deepen" / "samples.npz")["images"]
+    assert (deepened >> 6 == image >> 6).all()  # 4-bit images, b = 2: the top 2 of 8 bits kept
+
+    # a wrong input: one line naming the expected shape, non-zero exit, earlier outputs intact
+    before = (run_dir / "upscale" / "samples.npz").read_bytes()
+    bad = run_pipeline("upscale", "--exp", "smoke", "--run-dir", str(run_dir), "--input", str(tmp_path / "full.png"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "expected (4, 4, 1)" in bad.stderr
+    assert (run_dir / "upscale" / "samples.npz").read_bytes() == before
