@@ -136,7 +136,7 @@ def test_make_train_all_sample_evaluate_end_to_end(tmp_path):
     deep = subprocess.run([*make, "deepen", f"INPUT={tmp_path / 'full.png'}", "N=3"], capture_output=True, text=True)
     assert deep.returncode == 0, deep.stderr[-2000:]
     deepened = np.load(run_dir / "deepen" / "samples.npz")["images"]
-    assert (deepened >> 6 == image >> 6).all()  # 4-bit images, b = 2: the top 2 of 8 bits kept
+    assert (deepened[..., 0] >> 6 == image >> 6).all()  # 4-bit images, b = 2: the top 2 of 8 bits kept
 
     # a wrong input: one line naming the expected shape, non-zero exit, earlier outputs intact
     before = (run_dir / "upscale" / "samples.npz").read_bytes()
