@@ -87,7 +87,11 @@ def main(args) -> None:
 
 
 def upscale(args) -> None:
-    """Super-resolution: the input (H/S x W/S) is slice 0; the other slices are drawn."""
+    """Super-resolution: the input (H/S x W/S) is slice 0; the other slices are drawn.
+
+    Exact for b = n. With a depth stage the MSB of slices >= 1 are drawn given m_0 only
+    (conditioning them on l_0 too would weight each by p(l_0 | m)), then the LSB exactly.
+    """
     experiment, cascade = load_cascade(args)
     if cascade.S == 1:
         raise ValueError(f"experiment {experiment['name']!r} has S = 1: there is nothing to upscale")
