@@ -51,8 +51,7 @@ def wandb_run_id(folder: Path) -> str:
     return path.read_text().strip()
 
 
-def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = (),
-                extra_callbacks: list = ()) -> Path:
+def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Train (or resume) one stage; return the final checkpoint path."""
     experiment = load_experiment(exp)
     run_dir = Path(run_dir)
@@ -73,7 +72,7 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
         args=["--config", str(config_path), *overrides],
         save_config_callback=LogConfigToLogger, save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [checkpoint, LearningRateMonitor("step"),
-                                        ThroughputMonitor(batch_size_fn=batch_size, window_size=10), *extra_callbacks]},
+                                        ThroughputMonitor(batch_size_fn=batch_size, window_size=10)]},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     last = work / "last.ckpt"
@@ -87,7 +86,8 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
     if trainer.interrupted:
         raise KeyboardInterrupt(f"{stage} stopped at step {trainer.global_step}; "
                                 f"make the same target again to resume from {last}")
-    if trainer.val_check_interval and trainer.global_step % int(trainer.val_check_interval):
+    interval = trainer.val_check_interval  # in steps (an int) when validation does not follow epochs
+    if isinstance(interval, int) and interval > 0 and trainer.global_step % interval:
         trainer.validate(model, datamodule=data)  # val/bpd at the final weights
     final = run_dir / "checkpoints" / f"{stage}.ckpt"
     partial = final.with_suffix(".ckpt.partial")
