@@ -33,9 +33,7 @@ def measure(subscale: int, batch: int, steps: int, width: int, layers: int) -> d
     times = []
     for _ in range(steps + 1):  # the first step warms up
         start = time.perf_counter()
-        known = stage.sliced(data)
-        k = stage.slice_ids[torch.randint(len(stage.slice_ids), (batch,))].to(device)
-        loss = stage.estimate(known, k).mean()
+        loss = stage.estimate(stage.sliced(data), stage.random_slices(batch)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -38,9 +38,7 @@ def main() -> None:
         times = []
         for _ in range(args.steps + 2):
             start = time.perf_counter()
-            known = stage.sliced(batch)
-            k = stage.slice_ids[torch.randint(len(stage.slice_ids), (size,))]
-            loss = stage.estimate(known, k).mean()
+            loss = stage.estimate(stage.sliced(batch), stage.random_slices(size)).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -110,6 +110,11 @@ class SubscaleStage(L.LightningModule):
         logits = self.decoder(values, self.context(known, k))  # (B, T, n_values)
         return F.cross_entropy(logits.transpose(1, 2), values, reduction="none").sum(1)
 
+    def random_slices(self, batch: int) -> torch.Tensor:
+        """One target slice per example, uniform over this stage's slices (the estimator's draw), (B,)."""
+        ids = self.slice_ids.to(self.device)
+        return ids[torch.randint(len(ids), (batch,), device=self.device)]
+
     def estimate(self, known: dict, k: torch.Tensor) -> torch.Tensor:
         """The paper's Monte-Carlo estimate of the stage's NLL from one slice per example, (B,)."""
         return len(self.modelled_slices()) * self.slice_nll(known, k)
@@ -137,9 +142,7 @@ class SubscaleStage(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         known = self.sliced(batch)
-        ids = self.slice_ids.to(self.device)
-        k = ids[torch.randint(len(ids), (batch["msb"].shape[0],), device=self.device)]
-        estimate = self.estimate(known, k)  # unbiased estimate of the stage's NLL, (B,)
+        estimate = self.estimate(known, self.random_slices(batch["msb"].shape[0]))  # unbiased estimate of the stage's NLL, (B,)
         loss = estimate.mean() / self.dims  # nats per dim of the whole image
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bpd", bits_per_dim(estimate.mean(), self.dims))
