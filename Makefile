@@ -1,8 +1,8 @@
 # Subscale Pixel Networks pipeline. Every target installs what it needs first.
-#   make demo | test | data | train-all | sample | evaluate | upscale INPUT=x.png | deepen INPUT=x.png
-# Variables: EXP (conf/experiments/<EXP>.yaml), RUN_DIR, ARGS (LightningCLI overrides for training),
-# N, TEMPERATURE, SEED, BATCH (sampling), IMAGES (evaluate those images), INPUT (upscale/deepen),
-# PYTHON, TORCH (the torch requirement installed first when torch is missing).
+#   make demo | test | data | train-all | sample | evaluate | upscale INPUT=x.png | deepen INPUT=x.png | bench
+# Variables: EXP (conf/experiments/<EXP>.yaml, or a path to a YAML file), RUN_DIR, ARGS (LightningCLI
+# overrides for training), N, TEMPERATURE, SEED, BATCH (sampling), IMAGES (evaluate those images),
+# INPUT (upscale/deepen), PYTHON, TORCH (the torch requirement installed first when torch is missing).
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 .SUFFIXES:
@@ -12,7 +12,9 @@ PYTHON ?= python3
 # either has torch already (then nothing is installed) or asks for its build: make install TORCH=torch
 TORCH ?= torch==2.13.0
 EXP ?= fashion_mnist
-RUN_DIR ?= runs/$(EXP)
+# EXP names conf/experiments/<EXP>.yaml, or is the path of a YAML file: runs go to runs/<its stem>
+EXP_FILE := $(if $(filter %.yaml %.yml,$(EXP)),$(EXP),conf/experiments/$(EXP).yaml)
+RUN_DIR ?= runs/$(basename $(notdir $(EXP_FILE)))
 ARGS ?=
 N ?= 16
 TEMPERATURE ?= 1.0
@@ -25,12 +27,26 @@ CKPT := $(RUN_DIR)/checkpoints
 PIPELINE := $(PYTHON) -m pipeline
 RUN := --exp $(EXP) --run-dir $(RUN_DIR)
 INSTALLED := .installed
-# the stages of this experiment's cascade (no size SPN when S = 1, no depth SPN when b = n)
-STAGES = $(shell $(PIPELINE) stages --exp $(EXP) 2>/dev/null || echo first_slice size_spn depth_spn)
-STAGE_CKPTS = $(foreach s,$(STAGES),$(CKPT)/$(s).ckpt)
 
-.PHONY: install test test-fast demo data train-all train-first train-size train-depth sample evaluate \
+# Targets that read an experiment stop at once, with one line, when it does not exist
+NO_EXPERIMENT_GOALS := help install test test-fast
+ifneq ($(filter-out $(NO_EXPERIMENT_GOALS),$(or $(MAKECMDGOALS),help)),)
+ifeq ($(wildcard $(EXP_FILE)),)
+$(error no experiment '$(EXP)': $(EXP_FILE) does not exist; use EXP=<one of $(basename $(notdir $(wildcard conf/experiments/*.yaml)))> or the path of a YAML file)
+endif
+endif
+
+# The stages of this experiment's cascade (no size SPN when S = 1, no depth SPN when b = n). Before
+# `make install` the command cannot run: then all three, and train-all asks again after installing.
+STAGES := $(shell $(PIPELINE) stages --exp $(EXP) 2>/dev/null || echo first_slice size_spn depth_spn)
+STAGE_CKPTS := $(foreach s,$(STAGES),$(CKPT)/$(s).ckpt)
+
+.PHONY: help install test test-fast demo data train-all train-first train-size train-depth sample evaluate \
         upscale deepen bench clean
+
+help:
+	@sed -n '2,5p' Makefile | sed 's/^# *//'
+	@echo "Start with: make demo (install, data, train, sample, evaluate) or make test. README.md says more."
 
 install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
@@ -53,7 +69,8 @@ train-depth: $(CKPT)/depth_spn.ckpt
 train-all: install
 	@$(MAKE) --no-print-directory $(STAGE_CKPTS)
 
-# order-only prerequisites: the stages train in order, yet retraining one does not retrain the next
+# Order-only prerequisites: the stages train in order, yet retraining one does not retrain the next.
+# Each stage prepares the data first when it is missing (installing Fashion-MNIST if need be).
 $(CKPT)/first_slice.ckpt: | $(INSTALLED)
 	$(PIPELINE) train $(RUN) --stage first_slice $(ARGS)
 $(CKPT)/size_spn.ckpt: | $(INSTALLED) $(CKPT)/first_slice.ckpt
@@ -65,13 +82,13 @@ sample: train-all
 	$(PIPELINE) sample $(RUN) --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)
 
 evaluate: train-all
-	$(PIPELINE) evaluate $(RUN) $(if $(IMAGES),--images $(IMAGES))
+	$(PIPELINE) evaluate $(RUN) $(if $(IMAGES),--images "$(IMAGES)")
 
 upscale: train-all
-	$(PIPELINE) upscale $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED)
+	$(PIPELINE) upscale $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)
 
 deepen: train-all
-	$(PIPELINE) deepen $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED)
+	$(PIPELINE) deepen $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)
 
 demo: install
 	$(PIPELINE) data $(RUN)

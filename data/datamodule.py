@@ -51,6 +51,7 @@ class SubscaleDataModule(L.LightningDataModule):
         val_subset: int | None = 1000,
         seed: int = 0,
         cache_dir: str = "data_cache",
+        background: str = "white",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -67,7 +68,7 @@ class SubscaleDataModule(L.LightningDataModule):
 
     def cache_path(self):
         hp = self.hparams
-        return prepare(hp.source, hp.channels, self.image_size, hp.val_size, hp.seed, hp.cache_dir)
+        return prepare(hp.source, hp.channels, self.image_size, hp.val_size, hp.seed, hp.cache_dir, hp.background)
 
     def setup(self, stage: str | None = None) -> None:  # every process: memory-map the cache
         if self.splits is None:

@@ -2,7 +2,7 @@
 
 A source is a small dict from the experiment config (`data.source`):
 
-    {kind: fashion_mnist}                              # Debian IDX files, else the hub copy
+    {kind: fashion_mnist}                              # Debian IDX files (installed when missing), else the hub
     {kind: photos, patch_size: 32}                     # scikit-image's photographs, cut into patches
     {kind: hub, name: user/dataset, image_column: image, config: null}
     {kind: imagefolder, path: some/folder}
@@ -11,26 +11,36 @@ A source is a small dict from the experiment config (`data.source`):
 
 `prepare(...)` turns any of them into a DatasetDict with splits train/val/test and one
 column `image` of fixed shape (H, W, C) uint8, written once under the cache folder and
-memory-mapped by every later run and DataLoader worker.
+memory-mapped by every later run and DataLoader worker. Every image is decoded by
+`data.images` (orientation, bit depth, transparency, modes). The cache's name covers what
+the data is (the source's settings and, for local files, their names, sizes and
+modification times), and two processes preparing it at once wait for each other.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
+from collections import Counter
+from glob import glob
 from pathlib import Path
 
 import datasets
 import numpy as np
+from filelock import FileLock
 from PIL import Image
+
+from data.images import ImageError, as_array, decode, to_channels
 
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
 # photographs shipped inside scikit-image, split by photograph so no patch is in two splits
 PHOTO_SPLITS = {
@@ -40,6 +50,10 @@ PHOTO_SPLITS = {
 }
 SPLIT_ALIASES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
 KINDS = ("fashion_mnist", "photos", "hub", "imagefolder", "parquet", "arrow", "disk")
+
+
+class SourceUnavailable(ValueError):
+    """Data that cannot be had here (no network, no package): the message says what to do instead."""
 
 
 def image_features(height: int, width: int, channels: int) -> datasets.Features:
@@ -55,17 +69,37 @@ def read_idx(path: str | Path) -> np.ndarray:
         raw = f.read()
     magic, count, rows, cols = np.frombuffer(raw[:16], dtype=">u4")
     if magic != 0x803:
-        raise ValueError(f"{path} is not an IDX image file (magic {magic:#x}); reinstall dataset-fashion-mnist")
+        raise ValueError(f"{path} is not an IDX image file (magic {magic:#x}); reinstall {FASHION_MNIST_PACKAGE}")
     return np.frombuffer(raw[16:], dtype=np.uint8).reshape(count, rows, cols)
 
 
-def fashion_mnist(path: str = FASHION_MNIST_DIR) -> dict:
-    """Fashion-MNIST as {split: (N, 28, 28, 1) uint8}, from Debian's IDX files or the hub."""
+def install_fashion_mnist() -> bool:
+    """apt-get install the Debian package of Fashion-MNIST, as root or through `sudo -n`; True if it worked."""
+    if shutil.which("apt-get") is None:
+        return False
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if sudo and (shutil.which("sudo") is None
+                 or subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0):
+        return False
+    print(f"Fashion-MNIST is missing: installing the Debian package {FASHION_MNIST_PACKAGE}", file=sys.stderr)
+    install = [*sudo, "apt-get", "install", "-y", "-q", FASHION_MNIST_PACKAGE]
+    for command in (install, [*sudo, "apt-get", "update", "-q"], install):  # update only when needed
+        done = subprocess.run(command, capture_output=True, text=True)
+        if command is install and done.returncode == 0:
+            return True
+    return False
+
+
+def fashion_mnist(path: str = FASHION_MNIST_DIR, install: bool = True) -> dict:
+    """Fashion-MNIST as {split: (N, 28, 28, 1) uint8} from the IDX files under `path`; installs the
+    Debian package first when they are missing (and `install`), else falls back to the hub copy."""
     files = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
-    if all((Path(path) / f).exists() for f in files.values()):
+    present = lambda: all((Path(path) / f).exists() for f in files.values())  # noqa: E731
+    if not present() and install and path == FASHION_MNIST_DIR:
+        install_fashion_mnist()
+    if present():
         return {split: read_idx(Path(path) / f)[..., None] for split, f in files.items()}
-    log.warning("Fashion-MNIST IDX files not found under %s (apt-get install dataset-fashion-mnist); "
-                "trying the hub copy %s", path, FASHION_MNIST_HUB)
+    log.warning("Fashion-MNIST IDX files not found under %s; trying the hub copy %s", path, FASHION_MNIST_HUB)
     return {"hub": {"kind": "hub", "name": FASHION_MNIST_HUB, "image_column": "image"}}
 
 
@@ -78,7 +112,7 @@ def photo_patches(patch_size: int = 32, stride: int | None = None, channels: int
     for split, names in PHOTO_SPLITS.items():
         patches = []
         for name in names:
-            photo = to_channels(Image.fromarray(getattr(skimage.data, name)()), channels)
+            photo = as_array(to_channels(Image.fromarray(getattr(skimage.data, name)()), channels))
             h, w = photo.shape[:2]
             for top in range(0, h - patch_size + 1, stride):
                 for left in range(0, w - patch_size + 1, stride):
@@ -89,27 +123,27 @@ def photo_patches(patch_size: int = 32, stride: int | None = None, channels: int
 
 # ---------------------------------------------------------------- generic sources
 
-def to_channels(image: Image.Image, channels: int) -> np.ndarray:
-    """PIL image -> (H, W, C) uint8 with C = 1 (mode L) or 3 (RGB)."""
-    mode = {1: "L", 3: "RGB"}[channels]
-    return np.asarray(image.convert(mode), dtype=np.uint8).reshape(image.height, image.width, channels)
-
-
-def fit(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """Centre crop to the aspect ratio of `size` (H, W), resize, convert: (H, W, C) uint8."""
+def fit(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Centre crop a mode L or RGB image to the aspect ratio of `size` (H, W), resize: (H, W, C) uint8."""
     height, width = size
     if image.size != (width, height):
         w, h = image.size
         crop_w, crop_h = min(w, round(h * width / height)), min(h, round(w * height / width))
         left, top = (w - crop_w) // 2, (h - crop_h) // 2
         image = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BICUBIC)
-    return to_channels(image, channels)
+    return as_array(image)
 
 
 def load_generic(source: dict) -> datasets.DatasetDict:
     kind = source["kind"]
     if kind == "hub":
-        return datasets.load_dataset(source["name"], source.get("config"))
+        try:
+            return datasets.load_dataset(source["name"], source.get("config"))
+        except (ConnectionError, OSError) as error:  # offline, unknown name, or the hub refused
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SourceUnavailable(f"cannot load {source['name']!r} from the Hugging Face hub ({first}); "
+                                    f"check the name and the network, or use a local source "
+                                    f"(data.source: {{kind: imagefolder, path: ...}})") from error
     if kind == "imagefolder":
         return datasets.load_dataset("imagefolder", data_dir=source["path"])
     if kind in ("parquet", "arrow"):
@@ -121,55 +155,51 @@ def load_generic(source: dict) -> datasets.DatasetDict:
 
 
 def decode_column(ds: datasets.Dataset, column: str, channels: int, size: tuple[int, int] | None,
-                  name: str) -> datasets.Dataset:
-    """Decode, convert and (centre crop +) resize one split; unreadable images are dropped and counted."""
+                  name: str, background: str = "white") -> datasets.Dataset:
+    """Decode, convert and (centre crop +) resize one split with `data.images`; images that cannot be
+    used (unreadable, too large, transparent and refused) are dropped and counted in one warning,
+    and so are the transparent ones composited onto the background."""
     if column not in ds.column_names:
         raise ValueError(f"source has no column {column!r} (columns: {', '.join(ds.column_names)}); "
                          f"set data.source.image_column")
     if isinstance(ds.features[column], datasets.Image):
-        ds = ds.cast_column(column, datasets.Image(decode=False))
-    if size is None:  # every image must then have the size of the first readable one
+        ds = ds.cast_column(column, datasets.Image(decode=False))  # decoded by data.images, not datasets
+    if size is None:  # every image must then have the size of the first usable one
         for row in ds:
             try:
-                size = as_pil(row[column]).size[::-1]
+                size = decode(row[column], channels, background)[0].size[::-1]
                 break
-            except Exception:
+            except ImageError:
                 continue
         else:
             raise ValueError(f"source {name!r} yields no readable image")
 
     def convert(batch):
-        images, ok = [], []
+        images, status = [], []
         for item in batch[column]:
             try:
-                images.append(fit(as_pil(item), channels, size))
-                ok.append(True)
-            except Exception:
+                image, transparent = decode(item, channels, background)
+                images.append(fit(image, size))
+                status.append("transparent" if transparent else "ok")
+            except ImageError as error:
                 images.append(np.zeros((*size, channels), np.uint8))
-                ok.append(False)
-        return {"image": np.stack(images), "_ok": ok}
+                status.append(error.reason)
+        return {"image": np.stack(images), "_status": status}
 
     features = image_features(*size, channels)
-    features["_ok"] = datasets.Value("bool")
+    features["_status"] = datasets.Value("string")
     ds = ds.map(convert, batched=True, batch_size=256, remove_columns=ds.column_names, features=features,
                 desc=f"decoding {name}")
-    kept = ds.filter(lambda ok: ok, input_columns="_ok").remove_columns("_ok")
+    counts = Counter(ds["_status"])
+    kept = ds.filter(lambda s: s in ("ok", "transparent"), input_columns="_status").remove_columns("_status")
     skipped = len(ds) - len(kept)
     if skipped:
-        log.warning("skipped %d unreadable images of %d in %s", skipped, len(ds), name)
+        reasons = ", ".join(f"{n} {reason}" for reason, n in counts.items() if reason not in ("ok", "transparent"))
+        log.warning("skipped %d unusable images of %d in %s (%s)", skipped, len(ds), name, reasons)
+    if counts["transparent"]:
+        log.warning("%d images of %d in %s have transparent pixels: composited onto %s (data.background)",
+                    counts["transparent"], len(ds), name, background)
     return kept
-
-
-def as_pil(item) -> Image.Image:
-    """An image cell (PIL image, {'bytes','path'} dict or array) -> a loaded PIL image."""
-    if isinstance(item, Image.Image):
-        image = item
-    elif isinstance(item, dict):
-        image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
-    else:
-        image = Image.fromarray(np.asarray(item, dtype=np.uint8).squeeze())
-    image.load()
-    return image
 
 
 # ---------------------------------------------------------------- one cache for all
@@ -189,25 +219,32 @@ def standard_splits(splits: dict, val_size: float, seed: int) -> dict:
     return named
 
 
+def local_files(source: dict) -> list[tuple[str, int, int]]:
+    """(path, size in bytes, modification time in ns) of every local file the source reads, sorted."""
+    paths = []
+    if source.get("kind") in ("imagefolder", "disk") and source.get("path"):
+        paths.append(source["path"])
+    files = source.get("data_files")
+    for value in (files.values() if isinstance(files, dict) else [files] if files else []):
+        paths.extend(value if isinstance(value, list) else [value])
+    found = []
+    for pattern in paths:
+        for path in glob(str(pattern), recursive=True) or [str(pattern)]:
+            walk = sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]
+            found += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in walk if p.is_file()]
+    return sorted(found)
+
+
 def cache_key(**settings) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def prepare(source: dict, channels: int, image_size: tuple[int, int] | None, val_size: float = 0.05,
-            seed: int = 0, cache_dir: str = "data_cache") -> Path:
-    """Build the cache of `source` once; return its folder (a DatasetDict with train/val/test)."""
-    if channels not in (1, 3):
-        raise ValueError(f"channels={channels} is not supported: use 1 (grey) or 3 (RGB)")
-    kind = source.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"unknown data source kind {kind!r}: use one of {', '.join(KINDS)}")
-    settings = dict(source=source, channels=channels, image_size=image_size, val_size=val_size, seed=seed)
-    target = Path(cache_dir) / f"{source.get('name', kind).replace('/', '_')}-{cache_key(**settings)}"
-    if (target / "dataset_dict.json").exists():
-        return target
-
+def build(source: dict, channels: int, image_size: tuple[int, int] | None, val_size: float, seed: int,
+          background: str) -> datasets.DatasetDict:
+    """Read and decode the whole source into train/val/test splits of (H, W, C) uint8 images."""
+    kind = source["kind"]
     if kind == "fashion_mnist":
-        arrays = fashion_mnist(source.get("path", FASHION_MNIST_DIR))
+        arrays = fashion_mnist(source.get("path", FASHION_MNIST_DIR), source.get("install", True))
     elif kind == "photos":
         arrays = photo_patches(source.get("patch_size", 32), source.get("stride"), channels)
     else:
@@ -215,23 +252,56 @@ def prepare(source: dict, channels: int, image_size: tuple[int, int] | None, val
     if "hub" in arrays:  # a generic source (or Fashion-MNIST's hub fallback)
         generic = arrays["hub"]
         column = generic.get("image_column", "image")
-        raw = load_generic(generic)
-        splits = {split: decode_column(ds, column, channels, image_size, f"{kind}/{split}")
+        try:
+            raw = load_generic(generic)
+        except SourceUnavailable as error:
+            if kind == "fashion_mnist":
+                raise SourceUnavailable(
+                    f"Fashion-MNIST is not installed and the hub cannot be reached: install it with "
+                    f"`sudo apt-get install {FASHION_MNIST_PACKAGE}`, or use the offline data (EXP=photos32)") from error
+            raise
+        splits = {split: decode_column(ds, column, channels, image_size, f"{kind}/{split}", background)
                   for split, ds in raw.items()}
     else:
         splits = {}
         for split, images in arrays.items():
             if images.shape[-1] != channels or (image_size and tuple(images.shape[1:3]) != tuple(image_size)):
-                images = np.stack([fit(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im),
-                                       channels, image_size or im.shape[:2]) for im in images])
+                images = np.stack([fit(decode(im, channels)[0], image_size or im.shape[:2]) for im in images])
             splits[split] = datasets.Dataset.from_dict({"image": images}, features=image_features(*images.shape[1:]))
     for split, ds in splits.items():
         if len(ds) == 0:
             raise ValueError(f"source {kind!r} yields no usable image in split {split!r}; check the path or files")
-    dataset = datasets.DatasetDict(standard_splits(splits, val_size, seed))
+    return datasets.DatasetDict(standard_splits(splits, val_size, seed))
 
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    dataset.save_to_disk(str(partial))
-    os.replace(partial, target)  # never leave a half-written cache at the final path
+
+def prepare(source: dict, channels: int, image_size: tuple[int, int] | None, val_size: float = 0.05,
+            seed: int = 0, cache_dir: str = "data_cache", background: str = "white") -> Path:
+    """Build the cache of `source` once; return its folder (a DatasetDict with train/val/test).
+
+    The folder's name is a hash of the settings and of the local files' names, sizes and
+    modification times, so edited data is prepared anew. A lock file serialises processes
+    that prepare the same cache; the cache appears at its final path complete or not at all.
+    Raises ValueError (a SourceUnavailable when the data cannot be had here).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels} is not supported: use 1 (grey) or 3 (RGB)")
+    kind = source.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown data source kind {kind!r}: use one of {', '.join(KINDS)}")
+    settings = dict(source=source, channels=channels, image_size=image_size, val_size=val_size, seed=seed,
+                    background=background, files=local_files(source))
+    target = Path(cache_dir) / f"{source.get('name', kind).replace('/', '_')}-{cache_key(**settings)}"
+    if (target / "dataset_dict.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "dataset_dict.json").exists():  # another process built it while we waited
+            return target
+        for stale in target.parent.glob(target.name + ".partial-*"):  # left by a process that died
+            shutil.rmtree(stale, ignore_errors=True)
+        dataset = build(source, channels, image_size, val_size, seed, background)
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        dataset.save_to_disk(str(partial))
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete folder without dataset_dict.json
+        os.replace(partial, target)  # never a half-written cache at the final path
     return target

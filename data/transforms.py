@@ -3,6 +3,8 @@
 Bit depth:  x (n bits) -> m = x >> (n-b)  (b most significant bits)
                           l = x & (2**(n-b) - 1)  (n-b least significant bits)
 Subscale:   x (B, H, W, C) -> slices (B, S*S, H/S, W/S, C), slice k = i*S + j is x[:, i::S, j::S].
+Sequence:   one slice (B, h, w, C) -> its T = h*w*C sub-pixels (B, T), in the one order the
+            decoders generate them: pixels in raster order, channels innermost.
 
 Every function works on a batch of integer tensors and is exact; settings are checked
 by `check_settings`, which raises one `ValueError` naming the setting and the fix.
@@ -15,6 +17,8 @@ from einops import rearrange
 # slice k = i*S + j holds the pixels at offset (i, j) of every S x S block
 SLICE_PATTERN = "b (h i) (w j) c -> b (i j) h w c"
 UNSLICE_PATTERN = "b (i j) h w c -> b (h i) (w j) c"
+# the order of the sub-pixels of a slice: pixels in raster order, channels innermost
+SUBPIXEL_ORDER = "(h w c)"
 
 
 def check_settings(bits: int = 8, high_bits: int | None = None, subscale: int = 1,
@@ -63,3 +67,20 @@ def from_slices(slices: torch.Tensor, subscale: int) -> torch.Tensor:
     if slices.shape[1] != subscale * subscale:
         raise ValueError(f"got {slices.shape[1]} slices, expected S*S = {subscale * subscale} for subscale={subscale}")
     return rearrange(slices, UNSLICE_PATTERN, i=subscale, j=subscale)
+
+
+def to_sequence(slice_: torch.Tensor) -> torch.Tensor:
+    """One slice (B, h, w, C) -> its sub-pixels (B, T = h*w*C) in generation order."""
+    return rearrange(slice_, f"b h w c -> b {SUBPIXEL_ORDER}")
+
+
+def from_sequence(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `to_sequence`: (B, T) -> (B, h, w, C) for a slice of height x width pixels."""
+    return rearrange(values, f"b {SUBPIXEL_ORDER} -> b h w c", h=height, w=width)
+
+
+def pixel_of_subpixel(height: int, width: int, channels: int) -> torch.Tensor:
+    """(T,) long: for each sub-pixel of a slice in generation order, its pixel's raster index
+    y*width + x. Read off `to_sequence` itself, so the two can never disagree."""
+    pixels = torch.arange(height * width).reshape(1, height, width, 1).expand(1, height, width, channels)
+    return to_sequence(pixels)[0]

@@ -2,11 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number: use 1 or more")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line (what is wrong, where to read more) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    p = OneLineParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name, help):
@@ -24,30 +40,37 @@ def parser() -> argparse.ArgumentParser:
                        ("upscale", "super-resolution: INPUT is slice 0, draw the other slices"),
                        ("deepen", "bit-depth expansion: keep INPUT's high bits, draw the low bits")):
         c = command(name, help)
-        c.add_argument("--n", type=int, default=16, help="number of images")
+        c.add_argument("--n", type=positive_int, default=16, help="number of images")
         c.add_argument("--temperature", type=float, default=1.0)
         c.add_argument("--seed", type=int, default=0)
-        c.add_argument("--batch", type=int, default=16)
+        c.add_argument("--batch", type=positive_int, default=16, help="images drawn at once (the images depend on it)")
         if name != "sample":
             c.add_argument("--input", required=True, help="the image to condition on (PNG)")
     evaluate = command("evaluate", "exact bits/dim of the cascade and of each stage")
     evaluate.add_argument("--images", default=None, help=".npz with 'images', or a folder of images")
-    evaluate.add_argument("--batch", type=int, default=250)
+    evaluate.add_argument("--batch", type=positive_int, default=250)
     return p
 
 
-def main(argv=None) -> int:
-    from pipeline.config import DEFAULT_EXPERIMENT
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 600 else text[:600] + " ..."
 
+
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not sys.stderr.isatty():  # a log file: no redrawn progress bars from `datasets`
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # LightningCLI overrides start with "--" too: everything after the known flags is theirs
     args, rest = parser().parse_known_args(argv)
     if rest:
         if args.command != "train":
             parser().error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*getattr(args, "overrides", []), *rest]
-    args.run_dir = args.run_dir or f"runs/{args.exp or DEFAULT_EXPERIMENT}"
     try:
+        from pipeline.config import DEFAULT_EXPERIMENT
+
+        args.run_dir = args.run_dir or f"runs/{Path(args.exp or DEFAULT_EXPERIMENT).stem}"  # EXP may be a YAML path
         if args.command == "stages":
             from pipeline.config import load_experiment, stage_names
 
@@ -64,8 +87,11 @@ def main(argv=None) -> int:
         elif args.command == "evaluate":
             from pipeline.evaluate import main as run
             run(args)
-    except (ValueError, FileNotFoundError) as error:  # a user's mistake: one line, what to do
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # a user's mistake or a missing file, network or disk: one line
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        print(f"error: {one_line(error)}: install the project's packages with `make install`", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)

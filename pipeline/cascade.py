@@ -11,44 +11,60 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from einops import rearrange, repeat
-from tqdm.auto import tqdm
 
 from data.transforms import from_slices, merge_depth, split_depth, to_slices
-from stages import STAGES
+from stages import GEOMETRY, geometry
+from pipeline.checkpoints import load_stage
+from pipeline.pictures import partial_image
+from pipeline.progress import progress_bar
 from stages.metrics import bits_per_dim
 
 STAGE_NAMES = ("first_slice", "size_spn", "depth_spn")
 
 
+def differences(a: dict, b: dict) -> tuple[str, str]:
+    """The GEOMETRY settings in which two geometries differ, as 'key=value, ...' of each ('' if none)."""
+    keys = [key for key in GEOMETRY if a[key] != b[key]]
+    return tuple(", ".join(f"{key}={side[key]}" for key in keys) for side in (a, b))
+
+
 class Cascade:
+    """The trained stages of one experiment, {stage name: SubscaleStage}; raises ValueError when
+    they were trained for different geometries (image size, channels, bits, high bits, S)."""
+
     def __init__(self, stages: dict):
         self.stages = {name: stage.eval() for name, stage in stages.items()}
-        hp = stages["first_slice"].hparams
-        self.bits, self.high_bits, self.S, self.C = hp.bits, hp.high_bits, hp.subscale, hp.channels
         first = stages["first_slice"]
+        hp = first.hparams
+        self.bits, self.high_bits, self.S, self.C = hp.bits, hp.high_bits, hp.subscale, hp.channels
         self.height, self.width, self.h, self.w = first.height, first.width, first.h, first.w
         self.dims = first.dims
         self.device = first.device
+        self.geometry = geometry(hp)
         for name, stage in stages.items():
-            if (stage.hparams.bits, stage.hparams.high_bits, stage.S, stage.height, stage.C) != \
-                    (self.bits, self.high_bits, self.S, self.height, self.C):
-                raise ValueError(f"stage {name} was trained for another geometry than first_slice; retrain it")
+            theirs, ours = differences(geometry(stage.hparams), self.geometry)
+            if theirs:
+                raise ValueError(f"stage {name} was trained with {theirs}, first_slice with {ours}: "
+                                 f"retrain {name} with the settings of the other stages")
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.height, self.width, self.C
 
     @classmethod
-    def load(cls, run_dir: str | Path, names: list[str], device: str | torch.device | None = None) -> "Cascade":
-        """The stages `names` from `run_dir/checkpoints/<stage>.ckpt`."""
+    def load(cls, run_dir: str | Path, names: list[str], device: str | torch.device | None = None,
+             expected: dict | None = None) -> "Cascade":
+        """The stages `names` from `run_dir/checkpoints/<stage>.ckpt`. With `expected` (a config's data
+        section), raises ValueError naming every geometry setting the checkpoints were not trained with."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         stages = {}
         for name in names:
             path = Path(run_dir) / "checkpoints" / f"{name}.ckpt"
-            if not path.exists():
-                raise FileNotFoundError(f"no checkpoint {path}: train the cascade first (make train-all)")
-            stages[name] = STAGES[name].load_from_checkpoint(path, map_location=device, weights_only=False)
+            stages[name] = load_stage(name, path, device)
+            config, trained = differences(geometry(expected), geometry(stages[name].hparams)) if expected else ("", "")
+            if config:
+                raise ValueError(f"the config says {config} but {path} was trained with {trained}: put the "
+                                 f"config back, or retrain with the new settings (make clean train-all)")
         return cls(stages)
 
     def to(self, device) -> "Cascade":
@@ -89,18 +105,22 @@ class Cascade:
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None,
                known: dict | None = None, fixed_msb=(), fixed_lsb=(), frames: bool = False, progress: bool = False):
-        """Draw n images. Returns n-bit images (n, H, W, C), log-prob (n,) in nats at temperature 1
-        of the drawn slices, and (if frames) the list of pictures of the image growing."""
+        """Draw n images, slice by slice in the cascade's order, skipping the given slices (`known`:
+        {"msb"|"lsb": (n, S*S, h, w, C) n-bit slices}, of which `fixed_msb`/`fixed_lsb` are kept).
+
+        Returns n-bit images (n, H, W, C); the log-probability in nats at temperature 1 of the
+        drawn slices given the rest, (n,) (of the whole image when nothing is fixed); and, if
+        `frames`, pictures of the image growing, one per slice: 8-bit (n, H, W, C) each.
+        """
         shape = (n, self.S**2, self.h, self.w, self.C)
         known = known or {}
-        known = {part: known.get(part, torch.zeros(shape, dtype=torch.long)).to(self.device).long()
-                 for part in ("msb", "lsb")}
+        known = {part: known[part].to(self.device, torch.long, copy=True) if part in known  # never the caller's
+                 else torch.zeros(shape, dtype=torch.long, device=self.device) for part in ("msb", "lsb")}
         log_prob = torch.zeros(n, device=self.device)
         steps = self.plan(fixed_msb, fixed_lsb)
         done = {"msb": set(fixed_msb), "lsb": set(fixed_lsb)}
         pictures = [self.picture(known, done)] if frames else []
-        bar = tqdm(total=len(steps) * self.h * self.w * self.C, unit="sub-pixel", disable=not progress,
-                   desc="sampling")
+        bar = progress_bar(len(steps) * self.h * self.w * self.C, "sampling", "sub-pixel", disable=not progress)
         for stage, part, k in steps:
             bar.set_description(f"{stage} slice {k}")
             values, lp = self.stages[stage].sample_slice(known, k, temperature, generator, progress=bar)
@@ -115,34 +135,4 @@ class Cascade:
         return images, log_prob, pictures
 
     def picture(self, known: dict, done: dict) -> torch.Tensor:
-        """The image so far as 8-bit (n, H, W, C): missing MSB slices show slice 0 of their block
-        (a blocky low-resolution image), missing LSB show as zeros."""
-        msb = known["msb"].clone()
-        missing = [k for k in range(self.S**2) if k not in done["msb"]]
-        if missing and 0 in done["msb"]:
-            msb[:, missing] = msb[:, :1]
-        lsb = known["lsb"].clone()
-        lsb[:, [k for k in range(self.S**2) if k not in done["lsb"]]] = 0
-        x = merge_depth(from_slices(msb, self.S), from_slices(lsb, self.S), self.bits, self.high_bits)
-        return to_8bit(x, self.bits).cpu()
-
-
-def to_8bit(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """n-bit values -> the 8-bit values they stand for (the inverse of `quantize` up to dropped bits)."""
-    return (x.long() << (8 - bits)).to(torch.uint8)
-
-
-def image_grid(images: torch.Tensor, columns: int | None = None):
-    """(N, H, W, C) uint8 -> one (rows*H, columns*W, C) numpy grid, padded with black images."""
-    n = images.shape[0]
-    columns = columns or max(1, int(n**0.5 + 0.999))
-    rows = (n + columns - 1) // columns
-    pad = rows * columns - n
-    if pad:
-        images = torch.cat([images, torch.zeros((pad, *images.shape[1:]), dtype=images.dtype)])
-    return rearrange(images, "(r c) h w ch -> (r h) (c w) ch", r=rows, c=columns).numpy()
-
-
-def upsample_nearest(images: torch.Tensor, factor: int) -> torch.Tensor:
-    """(N, h, w, C) -> (N, h*factor, w*factor, C), each pixel repeated."""
-    return repeat(images, "n h w c -> n (h i) (w j) c", i=factor, j=factor)
+        return partial_image(known, done, self.S, self.bits, self.high_bits)

@@ -77,6 +77,11 @@ def resolve_precision(precision) -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def wandb_project(experiment: dict) -> str:
+    """$WANDB_PROJECT, else the experiment's `wandb: {project: ...}`, else subscale-pixel-networks."""
+    return os.environ.get("WANDB_PROJECT") or experiment.get("wandb", {}).get("project", "subscale-pixel-networks")
+
+
 def wandb_mode() -> str:
     """online when asked for or logged in; disabled when asked for; offline otherwise."""
     mode = os.environ.get("WANDB_MODE", "").lower()
@@ -109,11 +114,10 @@ def lightning_config(experiment: dict, stage: str, run_dir: str | Path) -> dict:
     trainer = merge(experiment.get("trainer", {}), spec.get("trainer", {}))
     trainer["precision"] = resolve_precision(trainer.get("precision", "auto"))
     trainer["default_root_dir"] = str(run_dir)
-    wandb = experiment.get("wandb", {})
     trainer["logger"] = {
         "class_path": "lightning.pytorch.loggers.WandbLogger",
         "init_args": {
-            "project": os.environ.get("WANDB_PROJECT", wandb.get("project", "subscale-pixel-networks")),
+            "project": wandb_project(experiment),
             "group": experiment["name"],
             "job_type": stage,
             "name": f"{experiment['name']}-{stage}",

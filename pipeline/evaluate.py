@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from data.datamodule import SubscaleDataModule
 from data.transforms import quantize
 from pipeline.cascade import STAGE_NAMES
 from pipeline.io import check_shape, read_images, save_json
+from pipeline.progress import progress_bar
 from pipeline.sample import load_cascade
+from pipeline.tracking import log_job
 
 
 def codec_bits(images: np.ndarray, codec: str) -> int:
@@ -39,7 +40,7 @@ def codec_bits(images: np.ndarray, codec: str) -> int:
 def batches(args, experiment, cascade):
     """Yield n-bit image batches (B, H, W, C) of the test split or of the user's images."""
     if args.images:
-        images = read_images(args.images)
+        images = read_images(args.images, cascade.C, experiment["data"].get("background", "white"))
         check_shape(images, cascade.shape, f"IMAGES {args.images}")
         x = quantize(torch.from_numpy(images), cascade.bits)
         for start in range(0, len(x), args.batch):
@@ -57,7 +58,7 @@ def main(args) -> None:
     nats = {name: 0.0 for name in cascade.stages}
     per_image, codec = [], {"png": 0, "webp": 0}
     count = 0
-    bar = tqdm(desc=f"evaluating {split}", unit="image")
+    bar = progress_bar(desc=f"evaluating {split}", unit="image")
     for x in batches(args, experiment, cascade):
         log_prob = cascade.log_prob(x)
         for name, lp in log_prob.items():
@@ -91,3 +92,7 @@ def main(args) -> None:
     print(f"  {'PNG, one per file':<20}{result['codecs']['png']:8.4f}")
     print(f"  {'WebP lossless':<20}{result['codecs']['webp']:8.4f}")
     print(f"wrote {out}")
+    log_job(experiment, "evaluate", Path(args.run_dir), {
+        f"{'test' if split == 'test' else 'images'}/{key}": value
+        for key, value in {"bpd": result["bpd"], **{f"bpd_{name}": share for name, share in shares.items()},
+                           **{f"bpd_{name}": bpd for name, bpd in result["codecs"].items()}}.items()})

@@ -4,10 +4,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from data.images import ImageError, as_array, decode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -44,30 +47,30 @@ def save_json(path, obj) -> None:
     atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """One image file -> (H, W, C) uint8 with C = 1 (grey) or 3 (RGB); other modes are converted."""
+def read_image(path: str | Path, channels: int, background: str = "white") -> np.ndarray:
+    """One image file -> (H, W, C) uint8 with C = `channels`, decoded by `data.images` (orientation,
+    bit depth, transparency onto `background`, palette and other modes). Raises FileNotFoundError or
+    ValueError with one line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no image file {path}: give INPUT=<path to a PNG>")
+        raise FileNotFoundError(f"no image file {path}: give the path of an image file")
     try:
-        image = Image.open(path)
-        image.load()
-    except Exception as error:
-        raise ValueError(f"cannot read {path} as an image ({error}); give a PNG file") from error
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+        image, transparent = decode(path, channels, background)
+    except ImageError as error:
+        raise ValueError(f"cannot use {path}: {error}") from error
+    if transparent:
+        print(f"note: {path} has transparent pixels, composited onto {background} (data.background)", file=sys.stderr)
+    return as_array(image)
 
 
-def read_images(path: str | Path) -> np.ndarray:
+def read_images(path: str | Path, channels: int, background: str = "white") -> np.ndarray:
     """An .npz with `images` (N, H, W, C) uint8, a single image, or a folder of images -> (N, H, W, C)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        images = [read_image(f) for f in files]
+        images = [read_image(f, channels, background) for f in files]
         if len({im.shape for im in images}) > 1:
             raise ValueError(f"images in {path} differ in shape; give images of one shape")
         return np.stack(images)
@@ -83,7 +86,7 @@ def read_images(path: str | Path) -> np.ndarray:
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"{path}: 'images' must be uint8 of shape (N, H, W, C), got {images.dtype} {images.shape}")
         return images
-    return read_image(path)[None]
+    return read_image(path, channels, background)[None]
 
 
 def check_shape(images: np.ndarray, expected: tuple[int, int, int], what: str) -> None:

@@ -1,9 +1,13 @@
 """`make sample`, `make upscale`, `make deepen`: draw images from the cascade.
 
-Outputs (in `$(RUN_DIR)/samples/`, or `upscale/`, `deepen/`): samples.npz with `images`
-(uint8, N x H x W x C, 8-bit values) and `log_prob` (nats per image at temperature 1;
-NaN at another temperature), grid.png, and growth.png / growth.gif, the image growing
-slice by slice and bit by bit.
+Outputs (in `$(RUN_DIR)/samples/`, or `upscale/`, `deepen/`): samples.npz with
+    images          uint8 (N, H, W, C), 8-bit values
+    log_prob        float64 (N,), log p(image) in nats under the whole cascade (temperature 1),
+                    so that `make evaluate IMAGES=.../samples.npz` gives back the same numbers
+    log_prob_drawn  float64 (N,), nats: the part that was drawn (upscale: every slice but slice 0,
+                    given it; deepen: the low bits given the high bits; sample: the whole image)
+both NaN when sampled at a temperature other than 1; grid.png, and growth.png / growth.gif,
+the image growing slice by slice and bit by bit.
 """
 from __future__ import annotations
 
@@ -14,23 +18,32 @@ import numpy as np
 import torch
 
 from data.transforms import quantize, split_depth, to_slices
-from pipeline.cascade import Cascade, image_grid, to_8bit, upsample_nearest
-from pipeline.config import load_experiment, stage_names, wandb_mode
+from pipeline.cascade import Cascade
+from pipeline.config import load_experiment, stage_names
 from pipeline.io import check_shape, read_image, save_gif, save_npz, save_png
+from pipeline.pictures import image_grid, to_8bit, upsample_nearest
+from pipeline.tracking import log_job
 
 
 def load_cascade(args) -> tuple[dict, Cascade]:
+    """The experiment's config and its trained cascade; raises ValueError when they disagree on the
+    geometry, FileNotFoundError when a stage is not trained."""
     experiment = load_experiment(args.exp)
-    return experiment, Cascade.load(args.run_dir, stage_names(experiment))
+    return experiment, Cascade.load(args.run_dir, stage_names(experiment), expected=experiment["data"])
+
+
+def check_sampling_settings(n: int, batch: int, temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"TEMPERATURE={temperature} is invalid: use a positive number (1.0 is exact)")
+    if n < 1 or batch < 1:
+        raise ValueError(f"N={n}, BATCH={batch}: both must be at least 1")
 
 
 def draw(cascade: Cascade, n: int, batch: int, temperature: float, seed: int, conditions=None, fixed_msb=(),
          fixed_lsb=()):
-    """Draw n images in batches from one seeded generator; conditions: (n, ...) sliced known parts."""
-    if temperature <= 0:
-        raise ValueError(f"TEMPERATURE={temperature} is invalid: use a positive temperature (1.0 is exact)")
-    if n < 1 or batch < 1:
-        raise ValueError(f"N={n}, BATCH={batch}: both must be at least 1")
+    """Draw n images in batches from one seeded generator; conditions: (n, ...) sliced known parts.
+    Returns n-bit images (n, H, W, C), the log-prob of the drawn slices (n,) and the growth pictures."""
+    check_sampling_settings(n, batch, temperature)
     generator = torch.Generator(cascade.device).manual_seed(seed)
     images, log_probs, growth = [], [], None
     for start in range(0, n, batch):
@@ -41,49 +54,42 @@ def draw(cascade: Cascade, n: int, batch: int, temperature: float, seed: int, co
         images.append(x.cpu())
         log_probs.append(lp.cpu())
         growth = growth if growth is not None else frames
-    log_prob = torch.cat(log_probs).double().numpy()
-    if temperature != 1.0:
-        log_prob[:] = np.nan  # the recorded log-probability is that of the temperature-1 model
-    return torch.cat(images), log_prob, growth
+    return torch.cat(images), torch.cat(log_probs).double().numpy(), growth
 
 
-def write_outputs(out: Path, cascade: Cascade, images: torch.Tensor, log_prob: np.ndarray, growth: list,
-                  title: str, experiment: dict, extra_left: torch.Tensor | None = None) -> None:
+def log_p_images(cascade: Cascade, images: torch.Tensor, batch: int) -> np.ndarray:
+    """log p(image) in nats under the whole cascade, (n,) float64."""
+    parts = [sum(cascade.log_prob(images[i:i + batch]).values()).double().cpu() for i in range(0, len(images), batch)]
+    return torch.cat(parts).numpy()
+
+
+def write_outputs(out: Path, cascade: Cascade, images: torch.Tensor, log_prob: np.ndarray,
+                  log_prob_drawn: np.ndarray, temperature: float, growth: list, job: str, experiment: dict,
+                  given: torch.Tensor | None = None) -> None:
+    """samples.npz, grid.png (the given image first, when there is one), growth.png and .gif; W&B."""
+    if temperature != 1.0:  # the recorded log-probabilities are those of the temperature-1 model
+        log_prob, log_prob_drawn = np.full_like(log_prob, np.nan), np.full_like(log_prob_drawn, np.nan)
     images8 = to_8bit(images, cascade.bits)
-    grid_images = images8 if extra_left is None else torch.cat([extra_left, images8])
-    columns = None if extra_left is None else max(len(extra_left), int(math.sqrt(len(grid_images)) + 0.999))
-    save_npz(out / "samples.npz", images=images8.numpy(), log_prob=log_prob)
-    save_png(out / "grid.png", image_grid(grid_images, columns))
+    grid_images = images8 if given is None else torch.cat([given, images8])
+    columns = None if given is None else max(len(given), int(math.sqrt(len(grid_images)) + 0.999))
     shown = slice(0, min(4, len(images)))  # growth of the first few images: one row each
-    strip = np.concatenate([image_grid(frame[shown], columns=1) for frame in growth], axis=1)
-    save_png(out / "growth.png", strip)
+    save_npz(out / "samples.npz", images=images8.numpy(), log_prob=log_prob, log_prob_drawn=log_prob_drawn)
+    save_png(out / "grid.png", image_grid(grid_images, columns))
+    save_png(out / "growth.png", np.concatenate([image_grid(frame[shown], columns=1) for frame in growth], axis=1))
     save_gif(out / "growth.gif", [image_grid(frame[shown], columns=shown.stop) for frame in growth])
-    finite = np.isfinite(log_prob)
-    bpd = cascade.bpd(-log_prob[finite].mean()) if finite.any() else float("nan")
+    bpd = cascade.bpd(-log_prob.mean()) if np.isfinite(log_prob).all() else float("nan")
     print(f"wrote {len(images)} images to {out}/ (samples.npz, grid.png, growth.png, growth.gif); "
-          f"their own bits/dim: {bpd:.3f}")
-    log_to_wandb(out, experiment, title, bpd)
-
-
-def log_to_wandb(out: Path, experiment: dict, job: str, bpd: float) -> None:
-    """Samples join the experiment's W&B group as a run of job_type `job`."""
-    mode = wandb_mode()
-    if mode == "disabled":
-        return
-    import wandb
-
-    run = wandb.init(project=experiment.get("wandb", {}).get("project", "subscale-pixel-networks"),
-                     group=experiment["name"], job_type=job, name=f"{experiment['name']}-{job}",
-                     dir=str(out), mode=mode, reinit="finish_previous")
-    run.log({f"{job}/grid": wandb.Image(str(out / "grid.png")), f"{job}/growth": wandb.Image(str(out / "growth.png")),
-             f"{job}/bpd_of_samples": bpd})
-    run.finish()
+          f"bits/dim of the images under the cascade: {bpd:.3f}")
+    log_job(experiment, job, out, {f"{job}/bpd_of_samples": bpd},
+            {f"{job}/grid": out / "grid.png", f"{job}/growth": out / "growth.png"})
 
 
 def main(args) -> None:
+    check_sampling_settings(args.n, args.batch, args.temperature)
     experiment, cascade = load_cascade(args)
     images, log_prob, growth = draw(cascade, args.n, args.batch, args.temperature, args.seed)
-    write_outputs(Path(args.run_dir) / "samples", cascade, images, log_prob, growth, "sample", experiment)
+    write_outputs(Path(args.run_dir) / "samples", cascade, images, log_prob, log_prob, args.temperature, growth,
+                  "sample", experiment)
 
 
 def upscale(args) -> None:
@@ -92,35 +98,41 @@ def upscale(args) -> None:
     Exact for b = n. With a depth stage the MSB of slices >= 1 are drawn given m_0 only
     (conditioning them on l_0 too would weight each by p(l_0 | m)), then the LSB exactly.
     """
+    check_sampling_settings(args.n, args.batch, args.temperature)
     experiment, cascade = load_cascade(args)
     if cascade.S == 1:
         raise ValueError(f"experiment {experiment['name']!r} has S = 1: there is nothing to upscale")
-    low = read_image(args.input)[None]
+    low = read_image(args.input, cascade.C, experiment["data"].get("background", "white"))[None]
     check_shape(low, (cascade.h, cascade.w, cascade.C), f"INPUT {args.input}")
     x0 = quantize(torch.from_numpy(low).long(), cascade.bits).expand(args.n, -1, -1, -1)
     m0, l0 = split_depth(x0, cascade.bits, cascade.high_bits)
     shape = (args.n, cascade.S**2, cascade.h, cascade.w, cascade.C)
     known = {"msb": torch.zeros(shape, dtype=torch.long), "lsb": torch.zeros(shape, dtype=torch.long)}
     known["msb"][:, 0], known["lsb"][:, 0] = m0, l0
-    images, log_prob, growth = draw(cascade, args.n, args.batch, args.temperature, args.seed, known,
-                                    fixed_msb=[0], fixed_lsb=[0])
-    assert torch.equal(to_slices(images, cascade.S)[:, 0], x0), "slice 0 must equal the input"
+    images, drawn, growth = draw(cascade, args.n, args.batch, args.temperature, args.seed, known,
+                                 fixed_msb=[0], fixed_lsb=[0])
+    if not torch.equal(to_slices(images, cascade.S)[:, 0], x0):
+        raise RuntimeError("upscale changed slice 0, which it must keep: a bug, please report it")
     given = upsample_nearest(to_8bit(x0[:1], cascade.bits), cascade.S)
-    write_outputs(Path(args.run_dir) / "upscale", cascade, images, log_prob, growth, "upscale", experiment, given)
+    write_outputs(Path(args.run_dir) / "upscale", cascade, images, log_p_images(cascade, images, args.batch), drawn,
+                  args.temperature, growth, "upscale", experiment, given)
 
 
 def deepen(args) -> None:
     """Bit-depth expansion: the input's b high bits are kept, the low bits drawn."""
+    check_sampling_settings(args.n, args.batch, args.temperature)
     experiment, cascade = load_cascade(args)
     if "depth_spn" not in cascade.stages:
         raise ValueError(f"experiment {experiment['name']!r} has no depth stage (b = n): nothing to deepen")
-    image = read_image(args.input)[None]
+    image = read_image(args.input, cascade.C, experiment["data"].get("background", "white"))[None]
     check_shape(image, cascade.shape, f"INPUT {args.input}")
     x = quantize(torch.from_numpy(image).long(), cascade.bits).expand(args.n, -1, -1, -1)
     msb, _ = split_depth(x, cascade.bits, cascade.high_bits)
     known = {"msb": to_slices(msb, cascade.S)}
-    images, log_prob, growth = draw(cascade, args.n, args.batch, args.temperature, args.seed, known,
-                                    fixed_msb=list(range(cascade.S**2)))
-    assert torch.equal(split_depth(images, cascade.bits, cascade.high_bits)[0], msb), "the high bits must be kept"
+    images, drawn, growth = draw(cascade, args.n, args.batch, args.temperature, args.seed, known,
+                                 fixed_msb=list(range(cascade.S**2)))
+    if not torch.equal(split_depth(images, cascade.bits, cascade.high_bits)[0], msb):
+        raise RuntimeError("deepen changed the high bits, which it must keep: a bug, please report it")
     given = to_8bit(msb[:1] << (cascade.bits - cascade.high_bits), cascade.bits)
-    write_outputs(Path(args.run_dir) / "deepen", cascade, images, log_prob, growth, "deepen", experiment, given)
+    write_outputs(Path(args.run_dir) / "deepen", cascade, images, log_p_images(cascade, images, args.batch), drawn,
+                  args.temperature, growth, "deepen", experiment, given)

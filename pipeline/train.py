@@ -6,7 +6,8 @@ rename); while training, `checkpoints/<stage>/last.ckpt` is kept every
 """
 from __future__ import annotations
 
-import os
+import logging
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -16,11 +17,18 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Th
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from data.datamodule import SubscaleDataModule
+from pipeline.callbacks import PlainProgress, SampleGrid
+from pipeline.checkpoints import save_stage
 from pipeline.config import lightning_config, load_experiment
 from stages import STAGES
 
 # the models report no FLOPs; images per second is what ThroughputMonitor is here for
 warnings.filterwarnings("ignore", message=".*define a `flops_per_batch`.*")
+# the CLI composes LightningCLI's arguments itself; Lightning's internal deprecations are not the user's
+warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage())  # an advertisement, not the run's news
 GEOMETRY = ("image_size", "channels", "bits", "high_bits", "subscale")
 
 
@@ -67,12 +75,16 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
               f"`wandb sync {run_dir / 'wandb'}/offline-run-*` (or `wandb login` first to log online)")
     checkpoint = ModelCheckpoint(dirpath=work, save_last=True, save_top_k=0,
                                  every_n_train_steps=experiment.get("checkpoint_every", 200))
+    callbacks = [checkpoint, LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=batch_size, window_size=10),
+                 SampleGrid(experiment.get("sample_grid", 8))]
+    if not sys.stdout.isatty():  # a log file: a plain line now and then instead of a redrawn bar
+        callbacks.append(PlainProgress())
+        overrides = ["--trainer.enable_progress_bar=false", *overrides]
     cli = StageCLI(
         STAGES[stage], SubscaleDataModule, run=False,
         args=["--config", str(config_path), *overrides],
         save_config_callback=LogConfigToLogger, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [checkpoint, LearningRateMonitor("step"),
-                                        ThroughputMonitor(batch_size_fn=batch_size, window_size=10)]},
+        trainer_defaults={"callbacks": callbacks},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     last = work / "last.ckpt"
@@ -90,10 +102,8 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
     if isinstance(interval, int) and interval > 0 and trainer.global_step % interval:
         trainer.validate(model, datamodule=data)  # val/bpd at the final weights
     final = run_dir / "checkpoints" / f"{stage}.ckpt"
-    partial = final.with_suffix(".ckpt.partial")
-    trainer.save_checkpoint(partial)
     if trainer.is_global_zero:
-        os.replace(partial, final)
+        save_stage(model, final, trainer.global_step)  # weights and hyperparameters only, written atomically
     if trainer.logger is not None and hasattr(trainer.logger, "experiment"):
         import wandb
 

@@ -1,5 +1,5 @@
 """Stages of the cascade (LightningModules) and the networks they share."""
 from stages.metrics import bits_per_dim
-from stages.stage import STAGES, DepthSPN, FirstSliceDecoder, SizeSPN, SubscaleStage
+from stages.stage import GEOMETRY, STAGES, DepthSPN, FirstSliceDecoder, SizeSPN, SubscaleStage, geometry
 
-__all__ = ["STAGES", "DepthSPN", "FirstSliceDecoder", "SizeSPN", "SubscaleStage", "bits_per_dim"]
+__all__ = ["GEOMETRY", "STAGES", "DepthSPN", "FirstSliceDecoder", "SizeSPN", "SubscaleStage", "bits_per_dim", "geometry"]

@@ -14,20 +14,29 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
+
+from data.transforms import pixel_of_subpixel
+from stages.distributions import output_distribution
 
 
 @dataclass
 class DecoderConfig:
     n_values: int  # categories per sub-pixel: 2**bits
-    length: int  # T = h * w * C sub-pixels in one slice
-    channels: int  # C: sub-pixels per pixel
+    slice_shape: tuple[int, int, int]  # (h, w, C) of one slice: T = h * w * C sub-pixels
     width: int = 128
     layers: int = 4
     heads: int = 4
     context_width: int = 0  # 0: unconditional (the first-slice decoder)
     dropout: float = 0.0
+    output: str = "softmax"  # or "logistic_mixture" (stages.distributions)
+    components: int = 10  # logistics in the mixture
+
+    @property
+    def length(self) -> int:
+        h, w, c = self.slice_shape
+        return h * w * c
 
 
 @dataclass
@@ -126,18 +135,20 @@ class SliceDecoder(nn.Module):
         self.value_embedding = nn.Embedding(cfg.n_values + 1, cfg.width)
         self.position = nn.Parameter(torch.randn(cfg.length, cfg.width) * 0.02)
         self.context_projection = nn.Linear(cfg.context_width, cfg.width) if cfg.context_width else None
+        self.register_buffer("pixel_index", pixel_of_subpixel(*cfg.slice_shape), persistent=False)  # (T,)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width)
-        self.head = nn.Linear(cfg.width, cfg.n_values)
+        self.distribution = output_distribution(cfg.output, cfg.n_values, cfg.components)
+        self.head = nn.Linear(cfg.width, self.distribution.params)
 
     def context_tokens(self, context: torch.Tensor | None) -> torch.Tensor | None:
         """Per-pixel context (B, h*w, Dc) -> per-sub-pixel input term (B, T, width)."""
         if context is None:
             return None
-        return repeat(self.context_projection(context), "b p d -> b (p c) d", c=self.cfg.channels)
+        return self.context_projection(context)[:, self.pixel_index]  # each sub-pixel gets its own pixel's
 
     def forward(self, values: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """values (B, T) long -> logits (B, T, n_values); position t sees values < t only."""
+        """values (B, T) long -> distribution parameters (B, T, params); position t sees values < t only."""
         start = torch.full_like(values[:, :1], self.start_token)
         inputs = torch.cat([start, values[:, :-1]], dim=1)  # shifted right by one
         x = self.value_embedding(inputs) + self.position[: values.shape[1]]
@@ -153,7 +164,7 @@ class SliceDecoder(nn.Module):
         return KVCache(cfg.layers, batch, cfg.heads, cfg.length, cfg.width // cfg.heads, device, dtype)
 
     def step(self, previous: torch.Tensor, t: int, ctx: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """One cached step: the value at t-1 (start token at t = 0) -> logits (B, n_values) for t."""
+        """One cached step: the value at t-1 (start token at t = 0) -> parameters (B, params) for t."""
         x = self.value_embedding(previous)[:, None] + self.position[t]
         if ctx is not None:
             x = x + ctx[:, t : t + 1]
@@ -180,8 +191,8 @@ class SliceDecoder(nn.Module):
                 logits = self.step(previous, t, ctx, cache)
             else:
                 logits = self.forward(values[:, : t + 1], None if context is None else context)[:, t]
-            log_p = F.log_softmax(logits.float(), dim=-1)
-            probs = F.softmax(logits.float() / temperature, dim=-1)
+            log_p = self.distribution.log_probs(logits)  # (B, n_values)
+            probs = F.softmax(log_p / temperature, dim=-1)
             previous = torch.multinomial(probs, 1, generator=generator)[:, 0]
             values[:, t] = previous
             log_prob += log_p.gather(1, previous[:, None])[:, 0]

@@ -15,13 +15,22 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torchmetrics import MeanMetric
 
-from data.transforms import check_settings, from_slices, merge_depth, to_slices
+from data.transforms import check_settings, from_sequence, to_sequence, to_slices
 from stages.metrics import bits_per_dim
 from stages.networks import ConditioningNetwork, ContextConfig, DecoderConfig, SliceDecoder
+
+
+# the settings that fix what a stage models; the data section of a config sets them for every stage
+GEOMETRY = ("image_size", "channels", "bits", "high_bits", "subscale")
+
+
+def geometry(settings: dict) -> dict:
+    """The GEOMETRY entries of a config section or a stage's hyperparameters, with image_size as (H, W)."""
+    size = settings["image_size"]
+    return {**{key: settings[key] for key in GEOMETRY}, "image_size": (size, size) if isinstance(size, int) else tuple(size)}
 
 
 def scaled(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -50,7 +59,8 @@ class SubscaleStage(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 200,
         compile: bool = False,
-        sample_grid: int = 8,
+        output: str = "softmax",
+        mixture_components: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -65,13 +75,16 @@ class SubscaleStage(L.LightningModule):
             in_channels=context, n_slices=subscale**2, positions=self.h * self.w, width=context_width,
             layers=context_layers, attention_layers=context_attention_layers, heads=heads))
         self.decoder = SliceDecoder(DecoderConfig(
-            n_values=2**self.value_bits, length=self.h * self.w * channels, channels=channels, width=width,
-            layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout))
+            n_values=2**self.value_bits, slice_shape=(self.h, self.w, channels), width=width,
+            layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout,
+            output=output, components=mixture_components))
         self.val_nll = MeanMetric()
         self.slice_ids = torch.tensor(self.modelled_slices())
 
     # ------------------------------------------------------------ what each stage models
     value_bits: int  # bits of the modelled sub-pixels
+    part = "msb"  # the part of the image whose slices it models: "msb" or "lsb"
+    context_parts: tuple[str, ...] = ()  # parts its conditioning network sees (of its own part: slices < k)
 
     def check_geometry(self) -> None:
         pass
@@ -87,8 +100,8 @@ class SubscaleStage(L.LightningModule):
         raise NotImplementedError
 
     def target(self, known: dict) -> torch.Tensor:
-        """The modelled slices (B, S*S, h, w, C)."""
-        raise NotImplementedError
+        """The slices of the modelled part (B, S*S, h, w, C)."""
+        return known[self.part]
 
     # ------------------------------------------------------------ shared machinery
     def sliced(self, batch: dict) -> dict:
@@ -106,9 +119,9 @@ class SubscaleStage(L.LightningModule):
     def slice_nll(self, known: dict, k: torch.Tensor) -> torch.Tensor:
         """Exact NLL in nats of slice k[b] of each example given its true earlier context, (B,)."""
         target = self.target(known)[torch.arange(len(k), device=k.device), k]  # (B, h, w, C)
-        values = rearrange(target, "b h w c -> b (h w c)").long()
-        logits = self.decoder(values, self.context(known, k))  # (B, T, n_values)
-        return F.cross_entropy(logits.transpose(1, 2), values, reduction="none").sum(1)
+        values = to_sequence(target).long()  # (B, T)
+        out = self.decoder(values, self.context(known, k))  # (B, T, params)
+        return -self.decoder.distribution.log_prob(out, values).sum(1)
 
     def random_slices(self, batch: int) -> torch.Tensor:
         """One target slice per example, uniform over this stage's slices (the estimator's draw), (B,)."""
@@ -131,7 +144,7 @@ class SubscaleStage(L.LightningModule):
         ids = torch.full((batch,), k, device=self.device)
         values, log_prob = self.decoder.sample(batch, self.context(known, ids), temperature, generator,
                                                progress=progress)
-        return rearrange(values, "b (h w c) -> b h w c", h=self.h, w=self.w), log_prob
+        return from_sequence(values, self.h, self.w), log_prob
 
     # ------------------------------------------------------------ Lightning
     def configure_model(self) -> None:
@@ -151,40 +164,10 @@ class SubscaleStage(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         known = self.sliced(batch)
         self.val_nll.update(self.nll(known))
-        if batch_idx == 0 and self.hparams.sample_grid and self.trainer.is_global_zero:
-            self.log_sample_grid(batch)
 
     def on_validation_epoch_end(self):
         self.log("val/bpd", bits_per_dim(self.val_nll.compute(), self.dims), prog_bar=True)
         self.val_nll.reset()
-
-    def log_sample_grid(self, batch):
-        """Log true images (top) over the stage's samples given the true context (bottom)."""
-        log_image = getattr(self.logger, "log_image", None)
-        if log_image is None:
-            return
-        n = min(self.hparams.sample_grid, batch["msb"].shape[0])
-        truth = {part: batch[part][:n] for part in ("msb", "lsb")}
-        known = self.sliced(truth)
-        drawn = {part: value.clone() for part, value in known.items()}
-        generator = torch.Generator(self.device).manual_seed(0)
-        part = "lsb" if self.stage == "depth_spn" else "msb"
-        for k in self.modelled_slices():
-            drawn[part][:, k] = self.sample_slice(known, k, generator=generator)[0].to(drawn[part].dtype)
-        rows = [self.picture(truth), self.picture({p: from_slices(v, self.S) for p, v in drawn.items()})]
-        grid = rearrange(torch.stack(rows), "r n h w c -> (r h) (n w) c").cpu().numpy()
-        log_image(key="val/samples", images=[grid.squeeze(-1) if self.C == 1 else grid],
-                  caption=["top: data; bottom: samples given the true context"])
-
-    def picture(self, parts: dict) -> torch.Tensor:
-        """MSB (+ LSB) -> uint8 image at 8 bits; the first-slice decoder shows its slice only."""
-        hp = self.hparams
-        x = merge_depth(parts["msb"].long(), parts["lsb"].long(), hp.bits, hp.high_bits)
-        if self.stage == "first_slice":
-            x = to_slices(x, self.S)[:, 0].repeat_interleave(self.S, 1).repeat_interleave(self.S, 2)
-        if self.stage != "depth_spn":  # the LSB shown are the true ones only for the depth stage
-            x = (x >> (hp.bits - hp.high_bits)) << (hp.bits - hp.high_bits)
-        return (x << (8 - hp.bits)).to(torch.uint8)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -216,14 +199,12 @@ class FirstSliceDecoder(SubscaleStage):
     def modelled_slices(self):
         return [0]
 
-    def target(self, known):
-        return known["msb"]
-
 
 class SizeSPN(SubscaleStage):
     """log p(m_k | m_<k) for k = 1 .. S*S-1."""
 
     stage = "size_spn"
+    context_parts = ("msb",)
 
     @property
     def value_bits(self) -> int:
@@ -245,14 +226,13 @@ class SizeSPN(SubscaleStage):
         mask = present[:, :, None, None].expand(-1, -1, self.h, self.w)
         return torch.cat([rearrange(msb, "b k h w c -> b (k c) h w"), mask], dim=1)
 
-    def target(self, known):
-        return known["msb"]
-
 
 class DepthSPN(SubscaleStage):
     """log p(l_k | m, l_<k) for k = 0 .. S*S-1: the low bits given all the high bits."""
 
     stage = "depth_spn"
+    part = "lsb"
+    context_parts = ("msb", "lsb")
 
     @property
     def value_bits(self) -> int:
@@ -276,9 +256,6 @@ class DepthSPN(SubscaleStage):
         mask = present[:, :, None, None].expand(-1, -1, self.h, self.w)
         return torch.cat([rearrange(msb, "b k h w c -> b (k c) h w"),
                           rearrange(lsb, "b k h w c -> b (k c) h w"), mask], dim=1)
-
-    def target(self, known):
-        return known["lsb"]
 
 
 STAGES = {cls.stage: cls for cls in (FirstSliceDecoder, SizeSPN, DepthSPN)}

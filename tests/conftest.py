@@ -33,3 +33,20 @@ def make_stages(image_size=8, channels=1, bits=4, high_bits=2, subscale=2, seed=
         with torch.no_grad():  # make the output layer matter: default init gives near-uniform logits
             stage.decoder.head.weight.mul_(20)
     return stages
+
+
+def save_cascade(stages: dict, run_dir) -> None:
+    """Write stages as the final checkpoints of a run, as training does."""
+    from pipeline.checkpoints import save_stage
+
+    for name, stage in stages.items():
+        save_stage(stage, run_dir / "checkpoints" / f"{name}.ckpt")
+
+
+def uniform(stages: dict) -> dict:
+    """Zero every output layer: each sub-pixel is then uniform over its values (softmax output)."""
+    for stage in stages.values():
+        with torch.no_grad():
+            stage.decoder.head.weight.zero_()
+            stage.decoder.head.bias.zero_()
+    return stages

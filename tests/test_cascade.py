@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import make_stages
+from conftest import make_stages, uniform
 from data.transforms import split_depth, to_slices
 from pipeline.cascade import Cascade
 
@@ -34,13 +34,27 @@ def test_sampling_agrees_with_scoring():
     assert torch.allclose(log_prob, scored, atol=1e-4, rtol=0)
 
 
-def test_stage_shares_add_up_to_the_total():
-    cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))
-    images = torch.randint(0, 16, (5, 8, 8, 1))
+UNIFORM_GEOMETRIES = [dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2),
+                      dict(image_size=4, channels=3, bits=5, high_bits=3, subscale=2),
+                      dict(image_size=8, channels=3, bits=3, high_bits=1, subscale=4)]
+
+
+def uniform_shares(geometry):
+    """A uniform cascade spends n bits on every sub-pixel: b/S^2, b(S^2-1)/S^2 and n-b per dim."""
+    n, b, s = geometry["bits"], geometry["high_bits"], geometry["subscale"]
+    return {"first_slice": b / s**2, "size_spn": b * (s**2 - 1) / s**2, "depth_spn": n - b}
+
+
+@pytest.mark.parametrize("geometry", UNIFORM_GEOMETRIES)
+def test_uniform_cascade_scores_exactly_n_bits_per_dim(geometry):
+    cascade = Cascade(uniform(make_stages(**geometry)))
+    size, c = geometry["image_size"], geometry["channels"]
+    images = torch.randint(0, 2 ** geometry["bits"], (5, size, size, c))
     parts = cascade.log_prob(images)
-    assert set(parts) == {"first_slice", "size_spn", "depth_spn"}
-    shares = {name: cascade.bpd(-lp.mean()) for name, lp in parts.items()}
-    assert sum(shares.values()) == pytest.approx(cascade.bpd(-sum(parts.values()).mean()), rel=1e-6)
+    expected = uniform_shares(geometry)
+    for name, lp in parts.items():
+        assert cascade.bpd(-lp.mean()) == pytest.approx(expected[name], rel=1e-5), name
+    assert cascade.bpd(-sum(parts.values()).mean()) == pytest.approx(geometry["bits"], rel=1e-5)
 
 
 def test_same_seed_same_images():
@@ -70,3 +84,18 @@ def test_bit_depth_expansion_keeps_the_high_bits():
                                   generator=torch.Generator().manual_seed(1))
     assert torch.equal(split_depth(images, 4, 2)[0], msb)
     assert not torch.equal(images, image)  # the low bits were drawn
+
+
+def test_sampling_leaves_the_callers_tensors_alone():
+    cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))
+    known = {"msb": torch.zeros(2, 4, 4, 4, 1, dtype=torch.long), "lsb": torch.zeros(2, 4, 4, 4, 1, dtype=torch.long)}
+    before = {part: value.clone() for part, value in known.items()}
+    cascade.sample(2, known=known, fixed_msb=[0], fixed_lsb=[0], generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(known[part], before[part]) for part in known)
+
+
+def test_stages_of_different_geometry_do_not_make_a_cascade():
+    stages = make_stages(image_size=8, bits=4, high_bits=2, subscale=2)
+    stages["depth_spn"] = make_stages(image_size=[8, 4], bits=4, high_bits=2, subscale=2)["depth_spn"]
+    with pytest.raises(ValueError, match=r"depth_spn was trained with image_size=\(8, 4\)"):
+        Cascade(stages)

@@ -1,5 +1,9 @@
 """Every source kind, the real built-in data, and the DataModule's batches."""
+import gzip
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -9,7 +13,10 @@ import torch
 from PIL import Image
 
 from data.datamodule import SubscaleDataModule
+from data import sources
 from data.sources import FASHION_MNIST_DIR, fashion_mnist, photo_patches, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HAVE_FASHION_MNIST = Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists()
 needs_fashion_mnist = pytest.mark.skipif(not HAVE_FASHION_MNIST,
@@ -50,7 +57,7 @@ def test_imagefolder_skips_and_counts_corrupt_files(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         splits = load(prepare(source, channels=3, image_size=(8, 8), val_size=0.2, cache_dir=tmp_path / "c"))
     assert len(splits["train"]) + len(splits["val"]) == 5 and len(splits["test"]) == 3
-    assert "skipped 1 unreadable images" in caplog.text
+    assert "skipped 1 unusable images of 6" in caplog.text and "(1 unreadable)" in caplog.text
     # centre crop (16 x 20 -> 16 x 16) then resize to 8 x 8: red side margins of 2 pixels vanish
     framed = np.full((16, 20, 3), 128, np.uint8)
     framed[:, :2] = framed[:, -2:] = (255, 0, 0)
@@ -135,3 +142,49 @@ def test_datamodule_batches(tmp_path):
 def test_datamodule_rejects_bad_geometry():
     with pytest.raises(ValueError, match="not divisible by subscale=3"):
         SubscaleDataModule(source={"kind": "photos"}, image_size=32, channels=3, subscale=3)
+
+
+def fake_idx(path: Path, count: int) -> None:
+    header = np.array([0x803, count, 28, 28], dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.full(count * 28 * 28, 7, np.uint8).tobytes())
+
+
+def test_missing_fashion_mnist_is_installed_with_apt(tmp_path, monkeypatch):
+    """A stand-in `apt-get` on PATH plays the Debian package: it must be asked for dataset-fashion-mnist."""
+    target = tmp_path / "fashion-mnist"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "apt-get"
+    script.write_text(f"""#!{sys.executable}
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_data import fake_idx
+from pathlib import Path
+open({str(tmp_path / 'calls')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')
+if sys.argv[1] == 'install':
+    Path({str(target)!r}).mkdir(exist_ok=True)
+    fake_idx(Path({str(target)!r}) / 'train-images-idx3-ubyte.gz', 3)
+    fake_idx(Path({str(target)!r}) / 't10k-images-idx3-ubyte.gz', 2)
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", str(target))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    splits = sources.fashion_mnist(str(target))
+    assert "install -y -q dataset-fashion-mnist" in (tmp_path / "calls").read_text()
+    assert splits["train"].shape == (3, 28, 28, 1) and splits["test"].shape == (2, 28, 28, 1)
+
+
+def test_fashion_mnist_without_package_or_hub_is_one_line(tmp_path):
+    """No IDX files, no installing, no hub (tests run offline): one line naming both ways out."""
+    config = tmp_path / "offline.yaml"
+    config.write_text("data: {source: {kind: fashion_mnist, path: /nonexistent, install: false}, image_size: 28,"
+                      f" cache_dir: {tmp_path / 'cache'}}}\nstages: {{}}\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline", "data", "--exp", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1",
+                                                               "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in done.stderr
+    assert "apt-get install dataset-fashion-mnist" in error[0] and "EXP=photos32" in error[0]

@@ -1,9 +1,9 @@
 """Causality, the Monte-Carlo estimator, cached decoding and the paper-sized configs."""
 import pytest
 import torch
-from einops import rearrange
 
 from conftest import make_stages
+from data.transforms import to_sequence
 from pipeline.config import load_experiment
 from stages import STAGES
 
@@ -11,7 +11,7 @@ from stages import STAGES
 def slice_logits(stage, known, k):
     """Logits (B, T, V) of slice k given `known`, the way training and scoring compute them."""
     ids = torch.full((known["msb"].shape[0],), k)
-    values = rearrange(stage.target(known)[:, k], "b h w c -> b (h w c)").long()
+    values = to_sequence(stage.target(known)[:, k]).long()
     return stage.decoder(values, stage.context(known, ids))
 
 
@@ -73,6 +73,46 @@ def test_monte_carlo_estimator_averages_to_the_exact_nll(name):
         exact = stage.nll(known)
         estimates = [stage.estimate(known, torch.full((3,), k)) for k in slices]  # what training draws
     assert torch.allclose(torch.stack(estimates).mean(0), exact, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["first_slice", "size_spn", "depth_spn"])
+def test_training_draws_each_of_the_stages_own_slices_equally_often(name, monkeypatch):
+    """The estimator's draw, through the real training step: exactly the stage's slices, uniformly."""
+    stage = make_stages(subscale=4, image_size=8)[name]
+    drawn = []
+
+    def spy(known, k):
+        drawn.append(k)
+        return torch.zeros(len(k), requires_grad=True)
+
+    monkeypatch.setattr(stage, "slice_nll", spy)
+    monkeypatch.setattr(stage, "log", lambda *args, **kwargs: None)
+    x = torch.randint(0, 16, (4000, 8, 8, 1))
+    stage.training_step({"image": x, "msb": x >> 2, "lsb": x & 3}, 0)
+    counts = torch.bincount(torch.cat(drawn), minlength=16)
+    modelled = stage.modelled_slices()
+    assert set(torch.nonzero(counts).flatten().tolist()) == set(modelled)
+    expected = 4000 / len(modelled)
+    assert (counts[modelled] - expected).abs().max() < 5 * expected**0.5  # 5 standard deviations
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_each_subpixel_is_conditioned_on_its_own_pixels_context(channels):
+    """Changing pixel p's context vector changes the predictions for p's sub-pixels, never earlier ones."""
+    stage = make_stages(channels=channels, subscale=2)["size_spn"]
+    decoder, T = stage.decoder, stage.h * stage.w * channels
+    values = torch.randint(0, 4, (2, T))
+    context = torch.randn(2, stage.h * stage.w, stage.hparams.context_width)
+    with torch.no_grad():
+        base = decoder(values, context)
+        for pixel in (0, 1, 5, stage.h * stage.w - 1):
+            changed = context.clone()
+            changed[:, pixel] += 1.0
+            after = decoder(values, changed)
+            first = pixel * channels  # sub-pixels first .. first + C - 1 belong to this pixel
+            assert torch.allclose(after[:, :first], base[:, :first], atol=1e-5), pixel
+            for t in range(first, first + channels):
+                assert not torch.allclose(after[:, t], base[:, t], atol=1e-4), (pixel, t)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -1,5 +1,6 @@
 """Training each stage through the real entry point: fast_dev_run, W&B offline, resume, the Makefile."""
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("stage", ["first_slice", "size_spn", "depth_spn"])
 def test_fast_dev_run_of_each_stage(stage, tmp_path):
     final = train_stage("smoke", stage, tmp_path, ["--trainer.fast_dev_run=true"])
-    model = STAGES[stage].load_from_checkpoint(final, weights_only=False)
+    model = STAGES[stage].load_from_checkpoint(final, weights_only=True)
     assert model.hparams.subscale == 2 and model.hparams.high_bits == 2  # geometry linked from data
     assert not list(tmp_path.glob("checkpoints/*.partial"))
 
@@ -64,12 +65,12 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "make the same target again to resume" in err
     assert not (tmp_path / "checkpoints" / "first_slice.ckpt").exists()  # written only when a stage finishes
-    step = torch.load(last, weights_only=False)["global_step"]
+    step = torch.load(last, weights_only=True)["global_step"]
     assert step >= 2
     resumed = run_pipeline(*args, f"--trainer.max_steps={step + 4}")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming first_slice from {last}" in resumed.stdout
-    final = torch.load(tmp_path / "checkpoints" / "first_slice.ckpt", weights_only=False)
+    final = torch.load(tmp_path / "checkpoints" / "first_slice.ckpt", weights_only=True)
     assert final["global_step"] == step + 4
 
 
@@ -116,8 +117,6 @@ def test_make_train_all_sample_evaluate_end_to_end(tmp_path):
     scored = subprocess.run([*make, "evaluate", f"IMAGES={run_dir / 'samples' / 'samples.npz'}"],
                             capture_output=True, text=True)
     assert scored.returncode == 0, scored.stderr[-2000:]
-    import json
-
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["n_images"] == 6
     assert np.allclose(-np.array(report["nll"]), samples["log_prob"], atol=1e-3)
@@ -137,6 +136,14 @@ def test_make_train_all_sample_evaluate_end_to_end(tmp_path):
     assert deep.returncode == 0, deep.stderr[-2000:]
     deepened = np.load(run_dir / "deepen" / "samples.npz")["images"]
     assert (deepened[..., 0] >> 6 == image >> 6).all()  # 4-bit images, b = 2: the top 2 of 8 bits kept
+    for job in ("upscale", "deepen"):  # their log_prob is log p(image) under the cascade, as for sample
+        outputs = np.load(run_dir / job / "samples.npz")
+        rescored = subprocess.run([*make, "evaluate", f"IMAGES={run_dir / job / 'samples.npz'}"],
+                                  capture_output=True, text=True)
+        assert rescored.returncode == 0, rescored.stderr[-2000:]
+        nll = np.array(json.loads((run_dir / "eval.json").read_text())["nll"])
+        assert np.allclose(-nll, outputs["log_prob"], atol=1e-3), job
+        assert (outputs["log_prob_drawn"] > outputs["log_prob"]).all()  # a part of the image costs less
 
     # a wrong input: one line naming the expected shape, non-zero exit, earlier outputs intact
     before = (run_dir / "upscale" / "samples.npz").read_bytes()

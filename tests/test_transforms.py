@@ -3,7 +3,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data.transforms import check_settings, from_slices, merge_depth, quantize, split_depth, to_slices
+from data.transforms import (check_settings, from_sequence, from_slices, merge_depth, pixel_of_subpixel, quantize,
+                             split_depth, to_sequence, to_slices)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # shared, noisy CPUs
@@ -62,3 +63,10 @@ def test_transforms_check_their_inputs():
         from_slices(torch.zeros(1, 3, 2, 2, 1), 2)
     with pytest.raises(ValueError, match="high_bits=9"):
         split_depth(torch.zeros(2), 8, 9)
+
+
+def test_subpixels_of_a_slice_are_pixels_in_raster_order_channels_innermost():
+    x = torch.arange(2 * 3 * 3).reshape(1, 2, 3, 3)  # (B, h, w, C): value = (y*w + x)*C + c
+    assert to_sequence(x).tolist() == [list(range(18))]
+    assert torch.equal(from_sequence(to_sequence(x), 2, 3), x)
+    assert pixel_of_subpixel(2, 3, 3).tolist() == [p for p in range(6) for _ in range(3)]

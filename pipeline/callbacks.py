@@ -1,0 +1,77 @@
+"""Lightning callbacks of the training loop: the validation sample grid, plain-text progress."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from einops import rearrange
+from lightning.pytorch.callbacks import Callback
+
+from pipeline.pictures import partial_image
+
+
+class SampleGrid(Callback):
+    """At each validation, log `n` true images (top row) over the stage's own samples given the
+    true context (bottom row) to the logger as `val/samples`.
+
+    A row shows what the stage sees or draws: the first-slice decoder's slice (blocky), the
+    size SPN's high bits, the depth SPN's whole image.
+    """
+
+    def __init__(self, n: int = 8):
+        self.n = n
+
+    def on_validation_batch_end(self, trainer, stage, outputs, batch, batch_idx, dataloader_idx=0):
+        log_image = getattr(trainer.logger, "log_image", None)
+        if batch_idx != 0 or self.n < 1 or log_image is None or not trainer.is_global_zero:
+            return
+        truth = stage.sliced({part: batch[part][: self.n] for part in ("msb", "lsb")})
+        truth = {part: slices.long() for part, slices in truth.items()}
+        drawn = {part: slices.clone() for part, slices in truth.items()}
+        generator = torch.Generator(stage.device).manual_seed(0)
+        for k in stage.modelled_slices():
+            drawn[stage.part][:, k] = stage.sample_slice(truth, k, generator=generator)[0]
+        every = set(range(stage.S**2))
+        shown = {part: (every if part in stage.context_parts else set())
+                 | (set(stage.modelled_slices()) if part == stage.part else set()) for part in ("msb", "lsb")}
+        hp = stage.hparams
+        rows = [partial_image(known, shown, stage.S, hp.bits, hp.high_bits) for known in (truth, drawn)]
+        grid = rearrange(torch.stack(rows), "r n h w c -> (r h) (n w) c").numpy()
+        log_image(key="val/samples", images=[grid.squeeze(-1) if stage.C == 1 else grid],
+                  caption=["top: data; bottom: samples given the true context"])
+
+
+class PlainProgress(Callback):
+    """Progress as one plain line every `every` training steps (default: a twentieth of the run)
+    and after each validation, for logs that are not a terminal (Lightning's progress bar
+    redraws itself at every step)."""
+
+    def __init__(self, every: int | None = None, stream=None):
+        self.every, self.stream = every, stream or sys.stdout
+        self.start = self.start_step = None
+
+    def line(self, trainer, stage, text: str) -> None:
+        if trainer.is_global_zero:
+            print(f"{stage.stage} step {trainer.global_step}/{trainer.max_steps}: {text}", file=self.stream, flush=True)
+
+    def on_train_start(self, trainer, stage):
+        self.start, self.start_step = time.monotonic(), trainer.global_step
+        self.every = self.every or max(1, trainer.max_steps // 20)
+
+    def on_train_batch_end(self, trainer, stage, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        seconds = time.monotonic() - self.start
+        rate = (step - self.start_step) / max(seconds, 1e-9)
+        left = (trainer.max_steps - step) / rate if rate > 0 and trainer.max_steps > 0 else float("nan")
+        bpd = trainer.callback_metrics.get("train/bpd")
+        loss = f"train/bpd {float(bpd):.3f}, " if bpd is not None else ""
+        self.line(trainer, stage, f"{loss}{rate:.1f} steps/s, {seconds / 60:.1f} min so far, "
+                                  f"about {left / 60:.1f} min left")
+
+    def on_validation_end(self, trainer, stage):
+        value = trainer.callback_metrics.get("val/bpd")
+        if value is not None and not trainer.sanity_checking:
+            self.line(trainer, stage, f"val/bpd {float(value):.4f}")

@@ -1,0 +1,140 @@
+"""The command line and the Makefile as a user meets them: one-line errors, the plan of each
+target, W&B runs of the non-training commands, plain logs, the README's own code and tables."""
+import ast
+import glob
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_stages, save_cascade
+from pipeline.__main__ import main as cli
+from test_evaluate import experiment_file, images_file
+from wandb_records import history, run_info
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+
+
+def make(*args):
+    return subprocess.run(["make", "-C", str(ROOT), "--no-print-directory", *args], capture_output=True, text=True)
+
+
+def one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_make_refuses_an_experiment_that_does_not_exist():
+    planned = make("-n", "train-all", "EXP=nope")
+    assert planned.returncode != 0 and "pipeline train" not in planned.stdout
+    assert "no experiment 'nope'" in one_line_error(planned.stderr) and "EXP=" in planned.stderr
+
+
+def test_an_experiment_given_as_a_path_runs_in_a_folder_named_after_it(tmp_path):
+    config = tmp_path / "my_experiment.yaml"
+    config.write_text((ROOT / "conf" / "experiments" / "smoke.yaml").read_text())
+    planned = make("-n", "train-first", f"EXP={config}")
+    assert planned.returncode == 0, planned.stderr
+    assert "--run-dir runs/my_experiment " in planned.stdout
+
+
+@pytest.mark.parametrize("target", ["upscale", "deepen", "sample"])
+def test_sampling_targets_pass_batch_on(target, tmp_path):
+    planned = make("-n", target, "EXP=smoke", f"RUN_DIR={tmp_path}", "INPUT=x.png", "BATCH=3")
+    assert f"pipeline {target} " in planned.stdout and "--batch 3" in planned.stdout
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["sample", "--batch", "0"], "--batch: 0 is not a positive number"),
+    (["evaluate", "--batch", "0"], "--batch: 0 is not a positive number"),
+    (["sample", "--n", "-2"], "--n: -2 is not a positive number"),
+    (["sample", "--temperature", "nan"], "TEMPERATURE=nan is invalid"),
+    (["sample", "--temperature", "inf"], "TEMPERATURE=inf is invalid"),
+    (["upscale", "--temperature", "0", "--input", "x.png"], "TEMPERATURE=0.0 is invalid"),
+    (["deepen", "--temperature", "nan", "--input", "x.png"], "TEMPERATURE=nan is invalid"),
+    (["sample", "--exp", "nope"], "no experiment 'nope'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(arguments, message, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline", *arguments, "--run-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert message in one_line_error(done.stderr)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_project_code_checks_with_exceptions_not_asserts():
+    """`assert` vanishes under python -O and shows users a traceback: project code raises instead."""
+    for path in [*ROOT.glob("data/*.py"), *ROOT.glob("stages/*.py"), *ROOT.glob("pipeline/*.py")]:
+        asserts = [node.lineno for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert)]
+        assert not asserts, f"{path.name}: assert on lines {asserts}"
+
+
+def wandb_run(folder: Path):
+    files = glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_sample_and_evaluate_join_the_experiment_in_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "my-project")
+    run_dir = tmp_path / "run"
+    save_cascade(make_stages(**SMOKE), run_dir)
+    exp = experiment_file(tmp_path, SMOKE, name="tiny")
+    assert cli(["sample", "--exp", str(exp), "--run-dir", str(run_dir), "--n", "2"]) == 0
+    sample_run = run_info(wandb_run(run_dir / "samples"))
+    assert (sample_run.project, sample_run.run_group, sample_run.job_type) == ("my-project", "tiny", "sample")
+    assert cli(["evaluate", "--exp", str(exp), "--run-dir", str(run_dir),
+                "--images", str(images_file(tmp_path, SMOKE))]) == 0
+    path = wandb_run(run_dir)
+    evaluate_run = run_info(path)
+    assert (evaluate_run.project, evaluate_run.run_group, evaluate_run.job_type) == ("my-project", "tiny", "evaluate")
+    logged = {key for row in history(path) for key in row}
+    assert {"images/bpd", "images/bpd_first_slice", "images/bpd_size_spn", "images/bpd_depth_spn"} <= logged
+
+
+def test_training_log_is_a_few_plain_lines_when_not_a_terminal(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline", "train", "--exp", "smoke", "--run-dir", str(tmp_path),
+                           "--stage", "first_slice", "--trainer.max_steps=40", "--trainer.val_check_interval=20"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = done.stdout + done.stderr
+    assert "\r" not in log  # no redrawn progress bar
+    progress = [line for line in log.splitlines() if line.startswith("first_slice step ")]
+    assert 20 <= len(progress) <= 24  # every 2nd of 40 steps, and a validation line twice
+    assert any("val/bpd" in line for line in progress) and any("train/bpd" in line for line in progress)
+    assert len(log.splitlines()) < 120, log
+
+
+def test_readme_python_snippet_runs(tmp_path, monkeypatch):
+    from test_data import HAVE_FASHION_MNIST
+
+    if not HAVE_FASHION_MNIST:
+        pytest.skip("apt-get install dataset-fashion-mnist (CI installs it)")
+    snippets = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert snippets
+    monkeypatch.chdir(tmp_path)  # its data cache goes here
+    for code in snippets:
+        lines = code.splitlines()
+        namespace = {}
+        exec("\n".join(lines), namespace)  # noqa: S102 - the README's own example
+        last = lines[-1].split("#")[0].strip()
+        shown = re.search(r"#\s*(torch.Size\(.*?\))", lines[-1])
+        if shown:  # the value the README says the last line shows
+            assert str(eval(last, namespace)) == shown.group(1)  # noqa: S307
+
+
+def test_readme_experiment_table_agrees_with_the_configs():
+    rows = re.findall(r"^\| `(\w+)`[^|]*\|[^|]*\| (\d+), (\d+), (\d+) \|", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) >= 5
+    for name, s, n, b in rows:
+        data = yaml.safe_load((ROOT / "conf" / "experiments" / f"{name}.yaml").read_text())["data"]
+        assert (data["subscale"], data["bits"], data["high_bits"]) == (int(s), int(n), int(b)), name

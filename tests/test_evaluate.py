@@ -1,0 +1,71 @@
+"""`make evaluate` and the stages' validation metric on cascades whose answer is known exactly,
+and the refusal of a config that does not match the checkpoints."""
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from conftest import make_stages, save_cascade, uniform
+from pipeline.__main__ import main as cli
+from test_cascade import UNIFORM_GEOMETRIES, uniform_shares
+
+
+def experiment_file(tmp_path, geometry, name="exp"):
+    """A YAML experiment with this data geometry (photos source, unused when IMAGES= is given)."""
+    config = {"data": {"source": {"kind": "photos"}, **geometry}, "stages": {}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def images_file(tmp_path, geometry, n=6):
+    size, c, bits = geometry["image_size"], geometry["channels"], geometry["bits"]
+    x = torch.randint(0, 2**bits, (n, size, size, c), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "images.npz"
+    np.savez(path, images=(x << (8 - bits)).to(torch.uint8).numpy())  # 8-bit pixels of n-bit values
+    return path
+
+
+@pytest.mark.parametrize("geometry", UNIFORM_GEOMETRIES)
+def test_evaluate_scores_a_uniform_cascade_at_exactly_n_bits_per_dim(tmp_path, geometry):
+    save_cascade(uniform(make_stages(**geometry)), tmp_path / "run")
+    code = cli(["evaluate", "--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run"),
+                "--images", str(images_file(tmp_path, geometry))])
+    assert code == 0
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["bpd"] == pytest.approx(geometry["bits"], rel=1e-5)
+    for name, share in uniform_shares(geometry).items():
+        assert report["stages"][name] == pytest.approx(share, rel=1e-5), name
+    nats = geometry["bits"] * geometry["image_size"] ** 2 * geometry["channels"] * np.log(2)
+    assert np.allclose(report["nll"], nats, rtol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", UNIFORM_GEOMETRIES[1:])
+def test_validation_bpd_of_a_uniform_stage_is_its_exact_share(geometry):
+    size, c, bits, b = geometry["image_size"], geometry["channels"], geometry["bits"], geometry["high_bits"]
+    x = torch.randint(0, 2**bits, (10, size, size, c))
+    low = bits - b
+    batches = [{"image": x[i:i + 4], "msb": x[i:i + 4] >> low, "lsb": x[i:i + 4] & ((1 << low) - 1)}
+               for i in range(0, 10, 4)]  # batches of 4, 4 and 2: the mean is per image
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    for name, stage in uniform(make_stages(**geometry)).items():
+        result = trainer.validate(stage, dataloaders=DataLoader(batches, batch_size=None), verbose=False)
+        assert result[0]["val/bpd"] == pytest.approx(uniform_shares(geometry)[name], rel=1e-5), name
+
+
+def test_a_config_that_differs_from_the_checkpoints_is_refused(tmp_path, capsys):
+    trained = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+    save_cascade(make_stages(**trained), tmp_path / "run")
+    edited = experiment_file(tmp_path, {**trained, "bits": 5, "high_bits": 3})
+    for command in (["evaluate", "--images", str(images_file(tmp_path, trained))], ["sample", "--n", "2"]):
+        code = cli([*command, "--exp", str(edited), "--run-dir", str(tmp_path / "run")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1
+        assert "bits=5, high_bits=3" in err and "bits=4, high_bits=2" in err
+        assert "put the config back" in err and "retrain" in err
+    assert not (tmp_path / "run" / "eval.json").exists() and not (tmp_path / "run" / "samples").exists()
