@@ -32,6 +32,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from filelock import FileLock
 from PIL import Image
 
@@ -200,6 +201,60 @@ def decode_column(ds: datasets.Dataset, column: str, channels: int, size: tuple[
         log.warning("%d images of %d in %s have transparent pixels: composited onto %s (data.background)",
                     counts["transparent"], len(ds), name, background)
     return kept
+
+
+# ---------------------------------------------------------------- streaming: no cache at all
+
+class Streamed(torch.utils.data.IterableDataset):
+    """Images of one split of a lazily read `datasets.IterableDataset`, decoded on the fly by
+    `data.images` ((H, W, C) uint8 each); unusable images are skipped. `datasets` deals the
+    shards out to DataLoader workers itself; a new shuffle order every epoch."""
+
+    def __init__(self, ds, column: str, channels: int, size: tuple[int, int], background: str):
+        self.ds, self.column, self.channels, self.size, self.background = ds, column, channels, size, background
+        self.epoch = 0
+
+    def __iter__(self):
+        self.ds.set_epoch(self.epoch)
+        self.epoch += 1
+        for row in self.ds:
+            try:
+                yield fit(decode(row[self.column], self.channels, self.background)[0], self.size)
+            except ImageError:
+                continue
+
+
+def streamed(source: dict, split: str, channels: int, size: tuple[int, int], background: str = "white",
+             rank: int = 0, world: int = 1, seed: int = 0, limit: int | None = None) -> Streamed:
+    """Split `split` (train, val or test) of a hub or parquet source, read shard by shard and never
+    cached; this process's share of it (`datasets.distributed.split_dataset_by_node`). Training
+    is shuffled within a buffer of `source.shuffle_buffer` images (default 1000); `limit` keeps
+    the first images of the split (before sharding). Raises ValueError when the split is missing."""
+    from datasets.distributed import split_dataset_by_node
+
+    kind = source["kind"]
+    if kind == "hub":
+        try:
+            raw = datasets.load_dataset(source["name"], source.get("config"), streaming=True)
+        except (ConnectionError, OSError) as error:
+            raise SourceUnavailable(f"cannot stream {source['name']!r} from the Hugging Face hub ({error}); "
+                                    f"check the name and the network") from error
+    else:
+        raw = datasets.load_dataset("parquet", data_files=source["data_files"], streaming=True)
+    names = {SPLIT_ALIASES[name]: name for name in raw if name in SPLIT_ALIASES}
+    found = names.get(split) or (names.get("test") if split == "val" else None)
+    if found is None:
+        raise ValueError(f"streaming reads the source's own splits, and it has no {split!r} split "
+                         f"(it has {', '.join(raw)}): add one, or prepare a cache without streaming")
+    ds = raw[found]
+    column = source.get("image_column", "image")
+    if isinstance(ds.features, datasets.Features) and isinstance(ds.features.get(column), datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))  # decoded by data.images
+    if split == "train":
+        ds = ds.shuffle(seed=seed, buffer_size=source.get("shuffle_buffer", 1000))
+    if limit:
+        ds = ds.take(limit)
+    return Streamed(split_dataset_by_node(ds, rank=rank, world_size=world), column, channels, size, background)
 
 
 # ---------------------------------------------------------------- one cache for all

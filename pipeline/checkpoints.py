@@ -13,14 +13,41 @@ from pathlib import Path
 
 import lightning
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from pipeline.io import atomic_write
 from stages import STAGES
 
 
+class NonFiniteWeights(ValueError):
+    """Weights that hold NaN or infinity: training diverged."""
+
+
+def check_finite(state_dict: dict, what: str) -> None:
+    """Raise NonFiniteWeights naming the first tensor of `state_dict` that is not finite."""
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise NonFiniteWeights(f"{what}: {key} holds NaN or infinity, so it is not saved; training diverged: "
+                                   f"lower the learning rate (ARGS=\"--model.lr=...\") and make the target again")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made safe against a kill at any moment and against divergence:
+    a checkpoint is written to a temporary file and renamed (the old one stays whole until then),
+    and one whose weights are not finite is never written."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        check_finite(checkpoint.get("state_dict", {}), f"checkpoint {path}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(path, buffer.getvalue())
+
+
 def save_stage(stage, path: str | Path, global_step: int = 0) -> None:
-    """Write the stage's weights and hyperparameters (and the training steps it took) to `path`, atomically."""
+    """Write the stage's weights and hyperparameters (and the training steps it took) to `path`,
+    atomically; raises NonFiniteWeights instead of writing weights that are not finite."""
     state = {key: value.detach().cpu() for key, value in stage.state_dict().items()}
+    check_finite(state, str(path))
     checkpoint = {"state_dict": state, "hyper_parameters": dict(stage.hparams), "global_step": global_step,
                   "pytorch-lightning_version": lightning.__version__}
     buffer = io.BytesIO()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,31 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def folder_at_once(path: str | Path):
+    """Write a folder's files into a temporary folder, which replaces `path` only when the block ends
+    without an error: an interrupted command leaves the old folder whole, never a mix."""
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(partial, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def save_png(path, array: np.ndarray) -> None:

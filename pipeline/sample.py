@@ -20,7 +20,7 @@ import torch
 from data.transforms import quantize, split_depth, to_slices
 from pipeline.cascade import Cascade
 from pipeline.config import load_experiment, stage_names
-from pipeline.io import check_shape, read_image, save_gif, save_npz, save_png
+from pipeline.io import check_shape, folder_at_once, read_image, save_gif, save_npz, save_png
 from pipeline.pictures import image_grid, to_8bit, upsample_nearest
 from pipeline.tracking import log_job
 
@@ -73,14 +73,15 @@ def write_outputs(out: Path, cascade: Cascade, images: torch.Tensor, log_prob: n
     grid_images = images8 if given is None else torch.cat([given, images8])
     columns = None if given is None else max(len(given), int(math.sqrt(len(grid_images)) + 0.999))
     shown = slice(0, min(4, len(images)))  # growth of the first few images: one row each
-    save_npz(out / "samples.npz", images=images8.numpy(), log_prob=log_prob, log_prob_drawn=log_prob_drawn)
-    save_png(out / "grid.png", image_grid(grid_images, columns))
-    save_png(out / "growth.png", np.concatenate([image_grid(frame[shown], columns=1) for frame in growth], axis=1))
-    save_gif(out / "growth.gif", [image_grid(frame[shown], columns=shown.stop) for frame in growth])
+    with folder_at_once(out) as folder:
+        save_npz(folder / "samples.npz", images=images8.numpy(), log_prob=log_prob, log_prob_drawn=log_prob_drawn)
+        save_png(folder / "grid.png", image_grid(grid_images, columns))
+        save_png(folder / "growth.png", np.concatenate([image_grid(frame[shown], columns=1) for frame in growth], 1))
+        save_gif(folder / "growth.gif", [image_grid(frame[shown], columns=shown.stop) for frame in growth])
     bpd = cascade.bpd(-log_prob.mean()) if np.isfinite(log_prob).all() else float("nan")
     print(f"wrote {len(images)} images to {out}/ (samples.npz, grid.png, growth.png, growth.gif); "
           f"bits/dim of the images under the cascade: {bpd:.3f}")
-    log_job(experiment, job, out, {f"{job}/bpd_of_samples": bpd},
+    log_job(experiment, job, out.parent, {f"{job}/bpd_of_samples": bpd},
             {f"{job}/grid": out / "grid.png", f"{job}/growth": out / "growth.png"})
 
 

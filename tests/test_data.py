@@ -188,3 +188,70 @@ def test_fashion_mnist_without_package_or_hub_is_one_line(tmp_path):
     error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "Traceback" not in done.stderr
     assert "apt-get install dataset-fashion-mnist" in error[0] and "EXP=photos32" in error[0]
+
+
+def image_folder(root: Path, n: int = 6, seed: int = 0) -> Path:
+    folder = root / "images" / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(random_images(n, 8, 8, seed=seed)):
+        Image.fromarray(array).save(folder / f"{i}.png")
+    return root / "images"
+
+
+def test_editing_an_image_folder_prepares_the_cache_anew(tmp_path):
+    source = {"kind": "imagefolder", "path": str(image_folder(tmp_path))}
+    first = prepare(source, 3, (8, 8), val_size=0.2, cache_dir=tmp_path / "cache")
+    assert prepare(source, 3, (8, 8), val_size=0.2, cache_dir=tmp_path / "cache") == first  # unchanged: reused
+    edited = tmp_path / "images" / "train" / "0.png"
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(edited)
+    os.utime(edited, ns=(1, 1))  # even with an old modification time, the size changed
+    second = prepare(source, 3, (8, 8), val_size=0.2, cache_dir=tmp_path / "cache")
+    assert second != first
+    images = np.concatenate([load(second)[s]["image"] for s in ("train", "val", "test")])
+    assert any((image == 7).all() for image in images)
+
+
+RACE = """
+import sys
+from data.sources import prepare
+print(prepare({"kind": "imagefolder", "path": sys.argv[1]}, 3, (8, 8), val_size=0.2, cache_dir=sys.argv[2]))
+"""
+
+
+def test_two_processes_preparing_one_cache_both_succeed(tmp_path):
+    folder = image_folder(tmp_path, n=200)
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(folder), str(tmp_path / "cache")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [proc.communicate(timeout=300) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-1000:] for _, err in results]
+    paths = {out.strip().splitlines()[-1] for out, _ in results}
+    assert len(paths) == 1
+    assert not list((tmp_path / "cache").glob("*.partial*"))
+    assert len(load(paths.pop())["test"]) > 0
+
+
+def parquet_shards(tmp_path, shards=4, per_shard=6) -> dict:
+    files = {"train": [], "test": []}
+    for split in files:
+        for s in range(shards):
+            arrays = random_images(per_shard, 8, 8, seed=100 * s + (split == "test"))
+            ds = datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in arrays]},
+                                            features=datasets.Features({"image": datasets.Image()}))
+            path = tmp_path / f"{split}-{s}.parquet"
+            ds.to_parquet(str(path))
+            files[split].append(str(path))
+    return files
+
+
+def test_streaming_parquet_shards_split_across_processes(tmp_path):
+    source = {"kind": "parquet", "data_files": parquet_shards(tmp_path), "streaming": True}
+    seen = []
+    for rank in range(2):
+        data = SubscaleDataModule(source=source, image_size=8, channels=3, bits=8, high_bits=8, subscale=2,
+                                  batch_size=4, val_subset=None)
+        data.processes = lambda rank=rank: (rank, 2)
+        images = [image for batch in data.val_dataloader() for image in batch["image"]]
+        seen.append({image.numpy().tobytes() for image in images})
+        assert len(next(iter(data.train_dataloader()))["image"]) == 4
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24  # the test split (no val): each image once
+    assert data.splits is None  # nothing prepared on disk

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.config import load_experiment, stage_names
 from pipeline.train import train_stage
@@ -51,27 +52,61 @@ def run_pipeline(*args, env=None, **kwargs):
                           env={**os.environ, **(env or {})}, **kwargs)
 
 
-def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path):
-    """Kill a stage mid-run; making it again continues from checkpoints/<stage>/last.ckpt."""
+def wait_for_checkpoint(path: Path, proc, step: int, timeout: float = 300) -> int:
+    """Wait until `path` holds a checkpoint of at least `step` steps; return its step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists():
+            try:
+                saved = torch.load(path, weights_only=True)["global_step"]
+            except Exception:  # never expected: checkpoints appear whole (write, then rename)
+                raise AssertionError(f"{path} is not a whole checkpoint")
+            if saved >= step:
+                return saved
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint of step {step} in {path}")
+
+
+def test_killed_training_resumes_exactly_where_it_was(tmp_path):
+    """SIGKILL mid-epoch, then make the target again: the same weights as a run never interrupted
+    (same step count, learning-rate schedule, data order and slice draws; no batch seen twice)."""
+    args = ["train", "--exp", "smoke", "--stage", "size_spn", "--trainer.max_steps=14",
+            "--trainer.val_check_interval=7"]
+    plain = run_pipeline(*args, "--run-dir", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--run-dir", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "size_spn" / "last.ckpt"
+    step = wait_for_checkpoint(last, proc, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed / "checkpoints" / "size_spn.ckpt").exists()  # written only when a stage finishes
+    assert 4 <= step < 14
+    resumed = run_pipeline(*args, "--run-dir", str(killed))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming size_spn" in resumed.stdout and "not resumable" not in resumed.stderr
+    a, b = (torch.load(run / "checkpoints" / "size_spn.ckpt", weights_only=True)
+            for run in (tmp_path / "plain", killed))
+    assert a["global_step"] == b["global_step"] == 14
+    assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
+
+
+def test_ctrl_c_stops_training_with_one_line_and_it_resumes(tmp_path):
     args = ["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--trainer.max_steps=100000"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "checkpoints" / "first_slice" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    time.sleep(1.0)
+    step = wait_for_checkpoint(last, proc, 2)
     proc.send_signal(signal.SIGINT)  # Ctrl+C
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "make the same target again to resume" in err
-    assert not (tmp_path / "checkpoints" / "first_slice.ckpt").exists()  # written only when a stage finishes
+    assert proc.returncode == 130 and "make the same target again to resume" in err
     step = torch.load(last, weights_only=True)["global_step"]
-    assert step >= 2
     resumed = run_pipeline(*args, f"--trainer.max_steps={step + 4}")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming first_slice from {last}" in resumed.stdout
-    final = torch.load(tmp_path / "checkpoints" / "first_slice.ckpt", weights_only=True)
-    assert final["global_step"] == step + 4
+    assert torch.load(tmp_path / "checkpoints" / "first_slice.ckpt", weights_only=True)["global_step"] == step + 4
 
 
 def test_bad_experiment_is_one_clear_line(tmp_path):
@@ -106,10 +141,20 @@ def test_make_train_all_sample_evaluate_end_to_end(tmp_path):
         assert (run_dir / "checkpoints" / f"{stage}.ckpt").exists()
     again = subprocess.run([*make, "train-all"], capture_output=True, text=True)
     assert "up to date" in again.stdout and "pipeline train" not in again.stdout  # nothing retrained
+    twin = subprocess.run(["make", "-C", str(ROOT), "EXP=smoke", f"RUN_DIR={tmp_path / 'twin'}", "train-all"],
+                          capture_output=True, text=True)  # the same config trained again: the same weights
+    assert twin.returncode == 0, twin.stderr[-2000:]
+    for stage in ("first_slice", "size_spn", "depth_spn"):
+        a, b = (torch.load(run / "checkpoints" / f"{stage}.ckpt", weights_only=True)["state_dict"]
+                for run in (run_dir, tmp_path / "twin"))
+        assert all(torch.equal(a[key], b[key]) for key in a), stage
 
-    sampled = subprocess.run([*make, "sample", "N=6", "BATCH=4", "SEED=3"], capture_output=True, text=True)
-    assert sampled.returncode == 0, sampled.stderr[-2000:]
-    samples = np.load(run_dir / "samples" / "samples.npz")
+    for twice in range(2):  # the same seed and batch: the same images
+        sampled = subprocess.run([*make, "sample", "N=6", "BATCH=4", "SEED=3"], capture_output=True, text=True)
+        assert sampled.returncode == 0, sampled.stderr[-2000:]
+        samples = np.load(run_dir / "samples" / "samples.npz")
+        first = first if twice else samples["images"]
+    assert np.array_equal(first, samples["images"])
     assert samples["images"].shape == (6, 8, 8, 1) and samples["images"].dtype == np.uint8
     for name in ("grid.png", "growth.png", "growth.gif"):
         assert (run_dir / "samples" / name).stat().st_size > 0
@@ -151,3 +196,99 @@ def test_make_train_all_sample_evaluate_end_to_end(tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "expected (4, 4, 1)" in bad.stderr
     assert (run_dir / "upscale" / "samples.npz").read_bytes() == before
+
+
+def test_diverging_training_stops_with_one_line_and_no_bad_checkpoint(tmp_path):
+    args = ["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "size_spn"]
+    diverged = run_pipeline(*args, "--model.lr=1e3", "--trainer.max_steps=30")
+    assert diverged.returncode == 2
+    error = diverged.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: size_spn diverged at step ") and "learning rate 1e+03" in error
+    assert "lower the learning rate" in error and "Traceback" not in diverged.stderr
+    for path in tmp_path.glob("checkpoints/**/*.ckpt"):  # whatever was saved before is finite
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path
+    assert not (tmp_path / "checkpoints" / "size_spn.ckpt").exists()
+    again = run_pipeline(*args, "--trainer.max_steps=4")  # a sane learning rate: trains
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_changed_settings_set_the_old_checkpoint_aside(tmp_path):
+    args = ["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "size_spn", "--trainer.max_steps=4"]
+    assert run_pipeline(*args).returncode == 0
+    (tmp_path / "checkpoints" / "size_spn.ckpt").unlink()  # as if the stage were to be trained again
+    wider = run_pipeline(*args, "--model.width=24")
+    assert wider.returncode == 0, wider.stderr[-2000:]
+    notes = [line for line in wider.stdout.splitlines() if "set aside" in line]
+    assert len(notes) == 1 and "width: 16 -> 24" in notes[0] and "training starts afresh" in notes[0]
+    assert "resuming" not in wider.stdout
+    assert list((tmp_path / "checkpoints" / "size_spn").glob("last.ckpt.set-aside-*"))
+    model = STAGES["size_spn"].load_from_checkpoint(tmp_path / "checkpoints" / "size_spn.ckpt", weights_only=True)
+    assert model.hparams.width == 24
+
+
+def test_ids_and_names_that_look_like_numbers_stay_strings(tmp_path, monkeypatch):
+    """A W&B run id such as 6e360127 (and an experiment of that name) must not come back as a float."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    experiment = tmp_path / "6e360127.yaml"
+    experiment.write_text((ROOT / "conf" / "experiments" / "smoke.yaml").read_text())
+    work = tmp_path / "run" / "checkpoints" / "first_slice"
+    work.mkdir(parents=True)
+    (work / "wandb_id").write_text("6e360127")  # as older versions wrote it
+    for _ in range(2):  # train, then train again in the same run folder
+        train_stage(str(experiment), "first_slice", tmp_path / "run", ["--trainer.max_steps=2"])
+        (tmp_path / "run" / "checkpoints" / "first_slice.ckpt").unlink()
+    run = next(r.run for r in records(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))[0])
+               if r.WhichOneof("record_type") == "run")
+    assert (run.run_id, run.run_group) == ("6e360127", "6e360127")
+
+
+VALIDATE = """
+import sys
+import lightning as L
+from data.datamodule import SubscaleDataModule
+from pipeline.config import load_experiment
+from stages import STAGES
+
+devices = int(sys.argv[2])
+model = STAGES["size_spn"].load_from_checkpoint(sys.argv[1], weights_only=True)
+data = SubscaleDataModule(**{**load_experiment("smoke")["data"], "val_subset": 37, "eval_batch_size": 8})
+trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+result = trainer.validate(model, datamodule=data, verbose=False)
+if trainer.is_global_zero:
+    print("VAL", repr(result[0]["val/bpd"]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_ddp_and_validate_like_one(tmp_path):
+    """DDP on two CPU processes (gloo) trains a stage; validating on 37 images (not divisible by 2
+    processes, nor by the batch of 8) gives the val/bpd of one process: no image counted twice."""
+    trained = run_pipeline("train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "size_spn",
+                           "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--trainer.devices=2",
+                           "--trainer.strategy=ddp", env={"WANDB_MODE": "disabled"}, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    final = tmp_path / "checkpoints" / "size_spn.ckpt"
+    assert torch.load(final, weights_only=True)["global_step"] == 4
+    script = tmp_path / "validate.py"
+    script.write_text(VALIDATE)
+    values = []
+    for devices in (1, 2):
+        done = subprocess.run([sys.executable, str(script), str(final), str(devices)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        values.append(float(next(line for line in done.stdout.splitlines() if line.startswith("VAL")).split()[1]))
+    assert values[0] == pytest.approx(values[1], abs=1e-5)  # float sums in another order: 1e-5 bits/dim
+
+
+def test_a_streaming_source_trains(tmp_path):
+    from test_data import parquet_shards
+
+    config = yaml.safe_load((ROOT / "conf" / "experiments" / "smoke.yaml").read_text())
+    config["data"]["source"] = {"kind": "parquet", "data_files": parquet_shards(tmp_path), "streaming": True}
+    config["data"]["channels"] = 3
+    path = tmp_path / "streaming.yaml"
+    path.write_text(yaml.safe_dump(config))
+    final = train_stage(str(path), "size_spn", tmp_path / "run", ["--trainer.max_steps=3"])
+    assert torch.load(final, weights_only=True)["global_step"] == 3

@@ -1,0 +1,133 @@
+"""The one image reader, wherever images enter: a source's cache, INPUT and IMAGES=."""
+import io
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_stages, save_cascade
+from data.images import ImageError, as_array, decode
+from data.sources import prepare
+from pipeline.__main__ import main as cli
+from test_evaluate import experiment_file
+
+RAMP16 = np.repeat(np.linspace(0, 65535, 8).astype(np.uint16)[None], 8, axis=0)  # 8 x 8, 0 .. 65535
+
+
+def pixels(source, channels=1, background="white"):
+    return as_array(decode(source, channels, background)[0])
+
+
+def saved(image: Image.Image, fmt="PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def sideways_jpeg() -> tuple[np.ndarray, bytes]:
+    """An upright picture (dark top half, light bottom) stored rotated, with EXIF orientation 6."""
+    upright = np.full((16, 8), 230, np.uint8)
+    upright[:8] = 20
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    return upright, saved(stored, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def drawing_on_transparency(mode: str) -> Image.Image:
+    """A dark 2 x 2 square in the middle of a fully transparent 8 x 8 background."""
+    if mode == "LA":
+        array = np.zeros((8, 8, 2), np.uint8)
+        array[3:5, 3:5] = (30, 255)
+        return Image.fromarray(array, "LA")
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([0, 0, 0, 30, 30, 30] + [0] * 762)
+    image.paste(1, (3, 3, 5, 5))
+    image.info["transparency"] = 0
+    return image
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    assert pixels(saved(Image.fromarray(RAMP16)))[0, :, 0].tolist() == [0, 36, 73, 109, 146, 182, 219, 255]
+    as_int32 = Image.fromarray(RAMP16.astype(np.int32))  # how many 16-bit files decode: mode I
+    assert pixels(saved(as_int32, "TIFF"))[0, :, 0].tolist() == [0, 36, 73, 109, 146, 182, 219, 255]
+    as_float = Image.fromarray(RAMP16.astype(np.float32) / 65535)  # a [0, 1] float image
+    assert pixels(saved(as_float, "TIFF"))[0, :, 0].tolist() == [0, 36, 73, 109, 146, 182, 219, 255]
+
+
+def test_exif_orientation_is_applied():
+    upright, data = sideways_jpeg()
+    got = pixels(data)[..., 0]
+    assert got.shape == (16, 8) and np.abs(got.astype(int) - upright).max() < 12
+
+
+@pytest.mark.parametrize("mode", ["P", "LA"])
+def test_transparent_pixels_go_onto_the_background(mode):
+    data = saved(drawing_on_transparency(mode))
+    image, transparent = decode(data, 1)
+    grey = as_array(image)[..., 0]
+    assert transparent and grey[0, 0] == 255 and grey[3, 3] == 30  # white paper, dark drawing
+    assert as_array(decode(data, 3, "black")[0])[0, 0].tolist() == [0, 0, 0]
+    with pytest.raises(ImageError, match="transparent"):
+        decode(data, 1, "refuse")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_grey_palette_images_become_grey(fmt):
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    data = saved(Image.fromarray(grey).convert("P"), fmt)
+    got = pixels(data, channels=1)
+    assert got.shape == (8, 8, 1) and np.abs(got[..., 0].astype(int) - grey).max() <= 4
+
+
+def test_too_large_images_are_refused_as_too_large(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # Pillow refuses above twice the limit
+    with pytest.raises(ImageError, match="too large") as error:
+        decode(saved(Image.new("L", (8, 8))), 1)
+    assert error.value.reason == "too large"
+
+
+def test_the_cache_reads_images_as_the_reader_does(tmp_path, caplog):
+    train = tmp_path / "images" / "train"
+    train.mkdir(parents=True)
+    upright, jpeg = sideways_jpeg()
+    (train / "ramp16.png").write_bytes(saved(Image.fromarray(RAMP16)))
+    (train / "sideways.jpg").write_bytes(jpeg)
+    (train / "drawing.png").write_bytes(saved(drawing_on_transparency("P")))
+    (train / "empty.png").write_bytes(b"")
+    (train / "truncated.png").write_bytes(saved(Image.fromarray(RAMP16))[:60])
+    for i in range(3):
+        (train / f"plain{i}.png").write_bytes(saved(Image.new("L", (8, 8), 100 + i)))
+    with caplog.at_level("WARNING"):
+        path = prepare({"kind": "imagefolder", "path": str(tmp_path / "images")}, channels=1, image_size=(8, 8),
+                       val_size=0.34, cache_dir=tmp_path / "cache")
+    splits = datasets.load_from_disk(str(path)).with_format("numpy")
+    images = np.concatenate([splits[s]["image"] for s in ("train", "val", "test")])
+    assert len(images) == 6
+    assert "skipped 2 unusable images" in caplog.text and "2 unreadable" in caplog.text
+    assert "1 images of" in caplog.text and "transparent pixels" in caplog.text
+    rows = {tuple(image[0, :, 0]) for image in images}
+    assert (0, 36, 73, 109, 146, 182, 219, 255) in rows  # the 16-bit ramp, scaled
+    drawing = next(image for image in images if image[0, 0, 0] == 255 and image[3, 3, 0] < 100)
+    assert drawing is not None
+    turned = next(image[..., 0] for image in images if image[..., 0].std() > 50 and image[0, 0, 0] < 128
+                  and image[7, 0, 0] > 128)  # resized 16 x 8 -> 8 x 8 after a centre crop: dark top, light bottom
+    assert turned[0].max() < 128
+
+
+def test_inputs_of_deepen_are_read_by_the_same_reader(tmp_path):
+    geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    exp = experiment_file(tmp_path, geometry)
+    inputs = {"ramp16.png": saved(Image.fromarray(RAMP16)),
+              "palette.png": saved(Image.fromarray(np.full((8, 8), 200, np.uint8)).convert("P")),
+              "grey.gif": saved(Image.fromarray(np.full((8, 8), 200, np.uint8)), "GIF")}
+    for name, data in inputs.items():
+        (tmp_path / name).write_bytes(data)
+        code = cli(["deepen", "--exp", str(exp), "--run-dir", str(tmp_path / "run"), "--input",
+                    str(tmp_path / name), "--n", "2"])
+        assert code == 0, name
+        kept = np.load(tmp_path / "run" / "deepen" / "samples.npz")["images"][..., 0] >> 6
+        expected = [0, 0, 1, 1, 2, 2, 3, 3] if name == "ramp16.png" else [3] * 8  # 200 >> 6 == 3
+        assert (kept[:, 0] == expected).all(), name
