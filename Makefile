@@ -1,8 +1,9 @@
 # Subscale Pixel Networks pipeline. Every target installs what it needs first.
 #   make demo | test | data | train-all | sample | evaluate | upscale INPUT=x.png | deepen INPUT=x.png | bench
+#   make compress INPUT=<folder|x.npz> OUT=x.spn | decompress INPUT=x.spn OUT=<folder|x.npz>
 # Variables: EXP (conf/experiments/<EXP>.yaml, or a path to a YAML file), RUN_DIR, ARGS (LightningCLI
 # overrides for training), N, TEMPERATURE, SEED, BATCH (sampling), IMAGES (evaluate those images),
-# INPUT (upscale/deepen), PYTHON, TORCH (the torch requirement installed first when torch is missing).
+# INPUT, OUT (upscale, deepen, compress, decompress), PYTHON, TORCH (the torch requirement installed first when torch is missing).
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 .SUFFIXES:
@@ -22,6 +23,7 @@ SEED ?= 0
 BATCH ?= 16
 IMAGES ?=
 INPUT ?=
+OUT ?=
 
 CKPT := $(RUN_DIR)/checkpoints
 PIPELINE := $(PYTHON) -m pipeline
@@ -42,7 +44,7 @@ STAGES := $(shell $(PIPELINE) stages --exp $(EXP) 2>/dev/null || echo first_slic
 STAGE_CKPTS := $(foreach s,$(STAGES),$(CKPT)/$(s).ckpt)
 
 .PHONY: help install test test-fast demo data train-all train-first train-size train-depth sample evaluate \
-        upscale deepen bench clean
+        upscale deepen compress decompress bench clean
 
 help:
 	@sed -n '2,5p' Makefile | sed 's/^# *//'
@@ -89,6 +91,12 @@ upscale: train-all
 
 deepen: train-all
 	$(PIPELINE) deepen $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)
+
+compress: train-all
+	$(PIPELINE) compress $(RUN) --input "$(INPUT)" --out "$(OUT)"
+
+decompress: train-all
+	$(PIPELINE) decompress $(RUN) --input "$(INPUT)" --out "$(OUT)"
 
 demo: install
 	$(PIPELINE) data $(RUN)

@@ -46,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--batch", type=positive_int, default=16, help="images drawn at once (the images depend on it)")
         if name != "sample":
             c.add_argument("--input", required=True, help="the image to condition on (PNG)")
+    for name, help in (("compress", "losslessly compress images with the cascade into one file"),
+                       ("decompress", "restore the images of a file written by compress")):
+        c = command(name, help)
+        c.add_argument("--input", required=True, help="compress: a folder of images or an .npz; decompress: a file")
+        c.add_argument("--out", required=True, help="compress: the file to write; decompress: a new folder or .npz")
     evaluate = command("evaluate", "exact bits/dim of the cascade and of each stage")
     evaluate.add_argument("--images", default=None, help=".npz with 'images', or a folder of images")
     evaluate.add_argument("--batch", type=positive_int, default=250)
@@ -84,6 +89,9 @@ def main(argv=None) -> int:
         elif args.command in ("sample", "upscale", "deepen"):
             from pipeline import sample
             {"sample": sample.main, "upscale": sample.upscale, "deepen": sample.deepen}[args.command](args)
+        elif args.command in ("compress", "decompress"):
+            from pipeline import compress
+            {"compress": compress.compress_command, "decompress": compress.decompress_command}[args.command](args)
         elif args.command == "evaluate":
             from pipeline.evaluate import main as run
             run(args)

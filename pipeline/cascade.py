@@ -104,13 +104,15 @@ class Cascade:
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None,
-               known: dict | None = None, fixed_msb=(), fixed_lsb=(), frames: bool = False, progress: bool = False):
+               known: dict | None = None, fixed_msb=(), fixed_lsb=(), frames: bool = False, progress: bool = False,
+               method: str = "fast"):
         """Draw n images, slice by slice in the cascade's order, skipping the given slices (`known`:
         {"msb"|"lsb": (n, S*S, h, w, C) n-bit slices}, of which `fixed_msb`/`fixed_lsb` are kept).
 
         Returns n-bit images (n, H, W, C); the log-probability in nats at temperature 1 of the
         drawn slices given the rest, (n,) (of the whole image when nothing is fixed); and, if
         `frames`, pictures of the image growing, one per slice: 8-bit (n, H, W, C) each.
+        `method` is the decoding of each slice (see `SliceDecoder.sample`).
         """
         shape = (n, self.S**2, self.h, self.w, self.C)
         known = known or {}
@@ -123,7 +125,7 @@ class Cascade:
         bar = progress_bar(len(steps) * self.h * self.w * self.C, "sampling", "sub-pixel", disable=not progress)
         for stage, part, k in steps:
             bar.set_description(f"{stage} slice {k}")
-            values, lp = self.stages[stage].sample_slice(known, k, temperature, generator, progress=bar)
+            values, lp = self.stages[stage].sample_slice(known, k, temperature, generator, bar, method)
             known[part][:, k] = values
             log_prob += lp
             done[part].add(k)

@@ -87,14 +87,19 @@ def read_image(path: str | Path, channels: int, background: str = "white") -> np
     return as_array(image)
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder, by name; raises ValueError when there are none."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
 def read_images(path: str | Path, channels: int, background: str = "white") -> np.ndarray:
     """An .npz with `images` (N, H, W, C) uint8, a single image, or a folder of images -> (N, H, W, C)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        images = [read_image(f, channels, background) for f in files]
+        images = [read_image(f, channels, background) for f in image_files(path)]
         if len({im.shape for im in images}) > 1:
             raise ValueError(f"images in {path} differ in shape; give images of one shape")
         return np.stack(images)

@@ -141,12 +141,14 @@ class SubscaleStage(L.LightningModule):
         return sum(self.slice_nll(known, torch.full((batch,), k, device=self.device)) for k in self.modelled_slices())
 
     @torch.no_grad()
-    def sample_slice(self, known: dict, k: int, temperature: float = 1.0, generator=None, progress=None):
-        """Draw slice k given `known`; returns values (B, h, w, C) and their log-prob (B,) at temperature 1."""
+    def sample_slice(self, known: dict, k: int, temperature: float = 1.0, generator=None, progress=None,
+                     method: str = "fast"):
+        """Draw slice k given `known`; returns values (B, h, w, C) and their log-prob (B,) at temperature 1.
+        `method`: see `SliceDecoder.sample`."""
         batch = known["msb"].shape[0]
         ids = torch.full((batch,), k, device=self.device)
         values, log_prob = self.decoder.sample(batch, self.context(known, ids), temperature, generator,
-                                               progress=progress)
+                                               method=method, progress=progress)
         return from_sequence(values, self.h, self.w), log_prob
 
     # ------------------------------------------------------------ Lightning

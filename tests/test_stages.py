@@ -130,10 +130,11 @@ def test_cached_decoding_matches_the_full_forward_pass(channels):
             step = decoder.step(previous, t, tokens, cache)
             assert torch.allclose(step, full[:, t], atol=1e-4), t
             previous = values[:, t]
-        cached = decoder.sample(2, ctx, generator=torch.Generator().manual_seed(7))
-        uncached = decoder.sample(2, ctx, generator=torch.Generator().manual_seed(7), cached=False)
-    assert torch.equal(cached[0], uncached[0])
-    assert torch.allclose(cached[1], uncached[1], atol=1e-4)
+        draws = {method: decoder.sample(2, ctx, generator=torch.Generator().manual_seed(7), method=method)
+                 for method in ("fast", "cached", "recompute")}
+    for method in ("fast", "recompute"):  # the same draws from the same noise, the same log-probabilities
+        assert torch.equal(draws[method][0], draws["cached"][0]), method
+        assert torch.allclose(draws[method][1], draws["cached"][1], atol=1e-4), method
 
 
 PAPER_EXPERIMENTS = ["celebahq256_5bit", "imagenet64", "photos32"]

@@ -1,0 +1,206 @@
+"""The cascade as a lossless image codec: range coding of every sub-pixel with the model's
+categorical distribution, in the cascade's own order (first slice, size SPN slice by slice,
+depth SPN slice by slice), with `constriction`'s range coder (first in, first out, as an
+autoregressive model needs).
+
+An exact likelihood is a file size: coding x costs -log2 p(x) bits plus the quantisation of
+the probabilities to the coder's fixed point and a few bytes of framing.
+
+The encoder and the decoder must see bit-identical probabilities, so both compute them
+through one function, `code_chunk`: the cached decoding step (`IncrementalDecoder`), fed the
+true values on the encoder's side and the decoded ones on the decoder's side, on chunks of
+`chunk` images whose size is stored in the file (the last chunk padded with zero images that
+are computed but not coded), on one intra-op thread. The batch size and thread count of the
+caller therefore play no part. A float computation can still differ between CPU kinds or
+library versions; the decoder then notices it from the checksum of the images and refuses.
+
+Container (all integers little-endian):
+
+    b"SPNC" | version u8 | H u16 | W u16 | C u8 | bits u8 | high bits u8 | S u8 | N u32 | chunk u16
+    | model digest (32 bytes, SHA-256 of every stage's hyperparameters and weights)
+    | image digest (16 bytes, SHA-256 of the n-bit images) | names length u32 | names (zlib, JSON)
+    | one u32 word count per chunk | the chunks' range-coded words (u32 each) | CRC-32 of all before, u32
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from data.transforms import from_sequence, from_slices, merge_depth, to_sequence
+from pipeline.checkpoints import weights_digest
+from pipeline.progress import progress_bar
+from stages.networks import IncrementalDecoder
+
+MAGIC = b"SPNC"
+VERSION = 1
+HEAD = struct.Struct("<4sBHHBBBBIH")
+CHUNK = 16  # images coded together (stored in the file; the decoder follows the file)
+
+
+class CodecError(ValueError):
+    """A container that cannot be decoded here; the message says why and what to do."""
+
+
+def model_digest(cascade) -> bytes:
+    """SHA-256 over the stages in cascade order: which exact checkpoints a file needs."""
+    digest = hashlib.sha256()
+    for name in sorted(cascade.stages):
+        digest.update(name.encode() + bytes.fromhex(weights_digest(cascade.stages[name])))
+    return digest.digest()
+
+
+def image_digest(images: torch.Tensor) -> bytes:
+    return hashlib.sha256(images.to(torch.uint8).contiguous().numpy().tobytes()).digest()[:16]
+
+
+@contextmanager
+def one_thread():
+    """The probabilities are computed on one intra-op thread, whatever the caller set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def probabilities(log_p: torch.Tensor) -> np.ndarray:
+    """(B, V) log-probabilities -> float64 probabilities for the coder (it quantises them itself)."""
+    return log_p.double().exp().numpy()
+
+
+@torch.no_grad()
+def code_chunk(cascade, images: torch.Tensor | None, real: int, coder, encode: bool) -> torch.Tensor:
+    """Encode (`encode`, images given) or decode one chunk of CHUNK images through `coder`.
+
+    images: n-bit (CHUNK, H, W, C) when encoding (rows >= real are padding, not coded), else None.
+    Returns the chunk's n-bit images (CHUNK, H, W, C).
+    """
+    import constriction
+
+    model = constriction.stream.model.Categorical(perfect=False)
+    chunk = CHUNK
+    shape = (chunk, cascade.S**2, cascade.h, cascade.w, cascade.C)
+    truth = cascade.known(images) if encode else None
+    known = {"msb": torch.zeros(shape, dtype=torch.long), "lsb": torch.zeros(shape, dtype=torch.long)}
+    for stage_name, part, k in cascade.plan():
+        stage = cascade.stages[stage_name]
+        decoder = stage.decoder
+        step = IncrementalDecoder(decoder, stage.context(known, torch.full((chunk,), k)), chunk)
+        values = torch.zeros(chunk, decoder.cfg.length, dtype=torch.long)
+        target = to_sequence(truth[part][:, k]) if encode else None  # (chunk, T)
+        previous = torch.full((chunk,), decoder.start_token, dtype=torch.long)
+        for t in range(decoder.cfg.length):
+            log_p = decoder.distribution.log_probs(step.step(previous, t))  # (chunk, V)
+            p = probabilities(log_p[:real])
+            if encode:
+                symbols = target[:, t]
+                coder.encode(symbols[:real].numpy().astype(np.int32), model, p)
+            else:
+                symbols = torch.zeros(chunk, dtype=torch.long)
+                symbols[:real] = torch.from_numpy(coder.decode(model, p).astype(np.int64))
+            values[:, t] = previous = symbols
+        known[part][:, k] = from_sequence(values, cascade.h, cascade.w)
+    return merge_depth(from_slices(known["msb"], cascade.S), from_slices(known["lsb"], cascade.S),
+                       cascade.bits, cascade.high_bits)
+
+
+def compress(cascade, images: torch.Tensor, names: list[str] | None = None, progress: bool = False) -> bytes:
+    """Losslessly compress n-bit images (N, H, W, C) with the cascade; returns the container bytes.
+
+    `names` (optional) are kept in the file, for decompressing to a folder of the same names.
+    Raises ValueError for images of another shape or values beyond the cascade's n bits.
+    Source: the cascade's factorisation (DESIGN.md section 2) driving a range coder.
+    """
+    import constriction
+
+    images = torch.as_tensor(images).long()
+    if images.dim() != 4 or tuple(images.shape[1:]) != cascade.shape:
+        raise ValueError(f"images have shape {tuple(images.shape)}, the model codes (N, {cascade.shape})")
+    if images.numel() and (images.min() < 0 or images.max() >= 2**cascade.bits):
+        raise ValueError(f"image values must be {cascade.bits}-bit integers, 0 .. {2**cascade.bits - 1}")
+    n = len(images)
+    streams = []
+    bar = progress_bar(n, "compressing", "image", disable=not progress)
+    with one_thread():
+        for start in range(0, n, CHUNK):
+            real = min(CHUNK, n - start)
+            chunk = torch.zeros((CHUNK, *cascade.shape), dtype=torch.long)
+            chunk[:real] = images[start:start + real]
+            coder = constriction.stream.queue.RangeEncoder()
+            code_chunk(cascade, chunk, real, coder, encode=True)
+            streams.append(coder.get_compressed().astype("<u4").tobytes())
+            bar.update(real)
+    bar.close()
+    names_blob = zlib.compress(json.dumps(list(names or [])).encode())
+    body = b"".join([
+        HEAD.pack(MAGIC, VERSION, cascade.height, cascade.width, cascade.C, cascade.bits, cascade.high_bits,
+                  cascade.S, n, CHUNK),
+        model_digest(cascade), image_digest(images), struct.pack("<I", len(names_blob)), names_blob,
+        b"".join(struct.pack("<I", len(s) // 4) for s in streams), *streams])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def read_header(data: bytes, cascade=None) -> dict:
+    """Parse and check a container; raises CodecError naming what is wrong."""
+    if len(data) < HEAD.size + 4 or data[:4] != MAGIC:
+        raise CodecError("not a compressed image file of this project (no SPNC header)")
+    magic, version, height, width, channels, bits, high_bits, subscale, n, chunk = HEAD.unpack_from(data)
+    if version != VERSION:
+        raise CodecError(f"format version {version}; this version of the project reads version {VERSION}: "
+                         f"decompress with the version that wrote it")
+    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise CodecError("the file is damaged or truncated (checksum mismatch); nothing was decoded")
+    pos = HEAD.size
+    model, images_digest = data[pos:pos + 32], data[pos + 32:pos + 48]
+    (names_length,) = struct.unpack_from("<I", data, pos + 48)
+    pos += 52
+    names = json.loads(zlib.decompress(data[pos:pos + names_length]))
+    pos += names_length
+    chunks = -(-n // chunk) if n else 0
+    counts = struct.unpack_from(f"<{chunks}I", data, pos)
+    pos += 4 * chunks
+    header = dict(shape=(height, width, channels), bits=bits, high_bits=high_bits, subscale=subscale, n=n,
+                  chunk=chunk, model=model, images_digest=images_digest, names=names, counts=counts, start=pos)
+    if cascade is not None:
+        geometry = ((height, width, channels), bits, high_bits, subscale)
+        if geometry != (cascade.shape, cascade.bits, cascade.high_bits, cascade.S) or model != model_digest(cascade):
+            raise CodecError("the file was compressed with another model than this run's checkpoints: decompress "
+                             "with the experiment and run folder that compressed it (EXP=..., RUN_DIR=...)")
+        if chunk != CHUNK:
+            raise CodecError(f"the file codes {chunk} images at a time; this version codes {CHUNK}: "
+                             f"decompress with the version that wrote it")
+    return header
+
+
+def decompress(cascade, data: bytes, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """The n-bit images (N, H, W, C) long and their names from `compress`'s bytes, bit for bit.
+    Raises CodecError for another model, a damaged or truncated file, an unknown version, or
+    decoded images that do not match the stored digest (never garbage images)."""
+    import constriction
+
+    header = read_header(data, cascade)
+    n, pos = header["n"], header["start"]
+    out = torch.zeros((n, *cascade.shape), dtype=torch.long)
+    bar = progress_bar(n, "decompressing", "image", disable=not progress)
+    with one_thread():
+        for index, start in enumerate(range(0, n, CHUNK)):
+            words = header["counts"][index]
+            stream = np.frombuffer(data, dtype="<u4", count=words, offset=pos).astype(np.uint32)
+            pos += 4 * words
+            real = min(CHUNK, n - start)
+            decoded = code_chunk(cascade, None, real, constriction.stream.queue.RangeDecoder(stream), encode=False)
+            out[start:start + real] = decoded[:real]
+            bar.update(real)
+    bar.close()
+    if image_digest(out) != header["images_digest"]:
+        raise CodecError("the decoded images do not match the file's digest: the probabilities came out "
+                         "differently here (another CPU kind or library version than the one that compressed)")
+    return out, header["names"]

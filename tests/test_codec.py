@@ -1,0 +1,127 @@
+"""The cascade as a lossless codec: bit-for-bit round trips, sizes that match the model's
+-log2 p(x), independence of the caller's threads, and damaged or foreign files refused."""
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_stages, save_cascade
+from pipeline.__main__ import main as cli
+from pipeline.cascade import Cascade
+from pipeline.codec import VERSION, CodecError, compress, decompress, read_header
+from test_evaluate import experiment_file
+
+GEOMETRIES = [dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2),   # smoke: all three stages
+              dict(image_size=4, channels=3, bits=8, high_bits=5, subscale=2),   # colour with a depth stage
+              dict(image_size=4, channels=3, bits=6, high_bits=6, subscale=2)]   # colour without one
+
+
+def model_bits(cascade, images):
+    return -float(sum(cascade.log_prob(images).values()).double().sum()) / math.log(2)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_round_trip_is_bit_for_bit(geometry):
+    cascade = Cascade(make_stages(**geometry))
+    size, c, bits = geometry["image_size"], geometry["channels"], geometry["bits"]
+    drawn = cascade.sample(20, generator=torch.Generator().manual_seed(0))[0]  # images the model finds likely
+    noise = torch.randint(0, 2**bits, (5, size, size, c))  # and ones it does not
+    for images in (drawn, noise, drawn[:1]):
+        data = compress(cascade, images)
+        back, names = decompress(cascade, data)
+        assert torch.equal(back, images.long()) and names == []
+
+
+def test_real_images_round_trip_and_cost_their_likelihood():
+    from data.sources import photo_patches
+
+    patches = photo_patches(patch_size=4)["test"][:40]  # real photographs, 4 x 4 RGB patches
+    geometry = GEOMETRIES[1]
+    stages = make_stages(**geometry)
+    for stage in stages.values():  # a model as unsure as a trained one: no probability below the coder's 2^-24
+        with torch.no_grad():
+            stage.decoder.head.weight.div_(40)
+    cascade = Cascade(stages)
+    images = torch.from_numpy(patches).long()
+    data = compress(cascade, images, names=[f"p{i}" for i in range(40)])
+    back, names = decompress(cascade, data)
+    assert torch.equal(back, images) and names == [f"p{i}" for i in range(40)]
+    header = read_header(data)["start"] + 4  # fixed header and the CRC
+    streams = 8 * (len(data) - header)
+    assert streams == pytest.approx(model_bits(cascade, images), rel=0.01)
+
+
+def test_the_callers_threads_do_not_matter():
+    cascade = Cascade(make_stages(**GEOMETRIES[0]))
+    images = cascade.sample(18, generator=torch.Generator().manual_seed(2))[0]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        data = compress(cascade, images)
+        torch.set_num_threads(1)
+        cascade.log_prob(images[:3])  # other work in between, at another batch size
+        back, _ = decompress(cascade, data)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(back, images.long())
+
+
+def damaged(data: bytes):
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    version = bytearray(data[:-4])
+    version[4] = VERSION + 1
+    version += struct.pack("<I", zlib.crc32(bytes(version)))
+    return {"truncated": (data[: len(data) - 7], "damaged or truncated"),
+            "flipped byte": (bytes(flipped), "damaged or truncated"),
+            "unknown version": (bytes(version), f"format version {VERSION + 1}"),
+            "not ours": (b"\x89PNG\r\n" + data[6:], "not a compressed image file")}
+
+
+def test_bad_files_are_refused():
+    cascade = Cascade(make_stages(**GEOMETRIES[0]))
+    images = cascade.sample(4, generator=torch.Generator().manual_seed(3))[0]
+    data = compress(cascade, images)
+    for what, (bad, message) in damaged(data).items():
+        with pytest.raises(CodecError, match=message):
+            decompress(cascade, bad)
+    other = Cascade(make_stages(**GEOMETRIES[0], seed=9))  # same geometry, other weights
+    with pytest.raises(CodecError, match="another model"):
+        decompress(other, data)
+
+
+def test_compress_and_decompress_commands(tmp_path, capsys):
+    from PIL import Image
+
+    geometry = GEOMETRIES[0]
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    exp = str(experiment_file(tmp_path, geometry))
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 16, (3, 8, 8), dtype=np.uint8) << 4  # 4-bit values as 8-bit
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"photo{i}.png")
+    run = ["--exp", exp, "--run-dir", str(tmp_path / "run")]
+    assert cli(["compress", *run, "--input", str(folder), "--out", str(tmp_path / "mine.spn")]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    assert cli(["decompress", *run, "--input", str(tmp_path / "mine.spn"), "--out", str(tmp_path / "back")]) == 0
+    for i, image in enumerate(pixels):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "back" / f"photo{i}.png")), image)
+    assert cli(["decompress", *run, "--input", str(tmp_path / "mine.spn"), "--out", str(tmp_path / "b.npz")]) == 0
+    assert np.array_equal(np.load(tmp_path / "b.npz")["images"][..., 0], pixels)
+
+    data = (tmp_path / "mine.spn").read_bytes()
+    capsys.readouterr()
+    for what, (bad, message) in damaged(data).items():
+        (tmp_path / "bad.spn").write_bytes(bad)
+        code = cli(["decompress", *run, "--input", str(tmp_path / "bad.spn"), "--out", str(tmp_path / what)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, what
+        assert not (tmp_path / what).exists()  # nothing written
+    save_cascade(make_stages(**geometry, seed=5), tmp_path / "other")
+    code = cli(["decompress", "--exp", exp, "--run-dir", str(tmp_path / "other"), "--input",
+                str(tmp_path / "mine.spn"), "--out", str(tmp_path / "x")])
+    assert code == 2 and "another model" in capsys.readouterr().err and not (tmp_path / "x").exists()
