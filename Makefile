@@ -24,6 +24,8 @@ BATCH ?= 16
 IMAGES ?=
 INPUT ?=
 OUT ?=
+QUICK ?=
+MINUTES ?=
 
 CKPT := $(RUN_DIR)/checkpoints
 PIPELINE := $(PYTHON) -m pipeline
@@ -102,10 +104,10 @@ demo: install
 	$(PIPELINE) data $(RUN)
 	@$(MAKE) --no-print-directory train-all sample evaluate
 
+# make bench: every benchmark side by side, into bench/results.json and bench/results.md
+# (QUICK=1: a few minutes; MINUTES: training minutes per model in the quality comparison, default 15)
 bench: install
-	$(PYTHON) benchmarks/train_throughput.py --exp $(EXP)
-	$(PYTHON) benchmarks/memory_per_slice.py
-	$(PYTHON) benchmarks/sampling_speed.py --exp $(EXP) --run-dir $(RUN_DIR)
+	$(PYTHON) -m benchmarks.run --exp $(EXP) $(if $(QUICK),--quick) $(if $(MINUTES),--minutes $(MINUTES))
 
 clean:
 	rm -rf $(RUN_DIR)

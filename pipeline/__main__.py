@@ -54,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", "exact bits/dim of the cascade and of each stage")
     evaluate.add_argument("--images", default=None, help=".npz with 'images', or a folder of images")
     evaluate.add_argument("--batch", type=positive_int, default=250)
+    evaluate.add_argument("--skip-compress", action="store_true", help="leave out the real compressed size")
     return p
 
 

@@ -112,20 +112,25 @@ class Cascade:
         Returns n-bit images (n, H, W, C); the log-probability in nats at temperature 1 of the
         drawn slices given the rest, (n,) (of the whole image when nothing is fixed); and, if
         `frames`, pictures of the image growing, one per slice: 8-bit (n, H, W, C) each.
-        `method` is the decoding of each slice (see `SliceDecoder.sample`).
+        `method` is the decoding of each slice (see `SliceDecoder.sample`). Each image draws its noise
+        from a generator of its own, seeded by the next number of `generator`: the i-th image drawn
+        from a generator is the same however the images are split into batches.
         """
         shape = (n, self.S**2, self.h, self.w, self.C)
         known = known or {}
         known = {part: known[part].to(self.device, torch.long, copy=True) if part in known  # never the caller's
                  else torch.zeros(shape, dtype=torch.long, device=self.device) for part in ("msb", "lsb")}
         log_prob = torch.zeros(n, device=self.device)
+        seeds = torch.randint(2**62, (n,), generator=generator, device=generator.device if generator else "cpu")
+        streams = [torch.Generator().manual_seed(int(seed)) for seed in seeds]  # one per image
         steps = self.plan(fixed_msb, fixed_lsb)
         done = {"msb": set(fixed_msb), "lsb": set(fixed_lsb)}
         pictures = [self.picture(known, done)] if frames else []
         bar = progress_bar(len(steps) * self.h * self.w * self.C, "sampling", "sub-pixel", disable=not progress)
         for stage, part, k in steps:
             bar.set_description(f"{stage} slice {k}")
-            values, lp = self.stages[stage].sample_slice(known, k, temperature, generator, bar, method)
+            noise = torch.stack([torch.rand(self.h * self.w * self.C, generator=g) for g in streams])  # (n, T)
+            values, lp = self.stages[stage].sample_slice(known, k, temperature, None, bar, method, noise)
             known[part][:, k] = values
             log_prob += lp
             done[part].add(k)

@@ -174,18 +174,22 @@ class SliceDecoder(nn.Module):
 
     @torch.no_grad()
     def sample(self, batch: int, context: torch.Tensor | None = None, temperature: float = 1.0,
-               generator: torch.Generator | None = None, method: str = "fast", progress=None):
+               generator: torch.Generator | None = None, method: str = "fast", progress=None,
+               noise: torch.Tensor | None = None):
         """Draw (B, T) values; also return their log-probability at temperature 1, (B,) nats.
 
-        The noise is drawn up front, one uniform per sub-pixel (B, T), and each value is read off
-        the inverse CDF, so every method gives the same draws from the same generator:
+        The noise is one uniform per sub-pixel, `noise` (B, T) or else drawn from `generator` up
+        front, and each value is read off the inverse CDF, so every method gives the same draws
+        from the same noise:
         * "fast": `IncrementalDecoder`, the default;
         * "cached": `step`, the simple key/value-cached decoding that "fast" must agree with;
         * "recompute": the whole prefix through `forward` at every step (the slow reference).
         """
         device = self.position.device
-        noise = torch.rand(batch, self.cfg.length, generator=generator, device=generator.device if generator
-                           else device).to(device)
+        if noise is None:
+            noise = torch.rand(batch, self.cfg.length, generator=generator,
+                               device=generator.device if generator else device)
+        noise = noise.to(device)
         values = torch.zeros(batch, self.cfg.length, dtype=torch.long, device=device)
         log_prob = torch.zeros(batch, device=device)
         previous = torch.full((batch,), self.start_token, dtype=torch.long, device=device)

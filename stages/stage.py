@@ -142,13 +142,13 @@ class SubscaleStage(L.LightningModule):
 
     @torch.no_grad()
     def sample_slice(self, known: dict, k: int, temperature: float = 1.0, generator=None, progress=None,
-                     method: str = "fast"):
+                     method: str = "fast", noise: torch.Tensor | None = None):
         """Draw slice k given `known`; returns values (B, h, w, C) and their log-prob (B,) at temperature 1.
-        `method`: see `SliceDecoder.sample`."""
+        The noise: `noise` (B, T) uniforms, or drawn from `generator`; `method`: see `SliceDecoder.sample`."""
         batch = known["msb"].shape[0]
         ids = torch.full((batch,), k, device=self.device)
         values, log_prob = self.decoder.sample(batch, self.context(known, ids), temperature, generator,
-                                               method=method, progress=progress)
+                                               method=method, progress=progress, noise=noise)
         return from_sequence(values, self.h, self.w), log_prob
 
     # ------------------------------------------------------------ Lightning

@@ -99,3 +99,12 @@ def test_stages_of_different_geometry_do_not_make_a_cascade():
     stages["depth_spn"] = make_stages(image_size=[8, 4], bits=4, high_bits=2, subscale=2)["depth_spn"]
     with pytest.raises(ValueError, match=r"depth_spn was trained with image_size=\(8, 4\)"):
         Cascade(stages)
+
+
+def test_an_image_does_not_depend_on_the_batch_it_was_drawn_in():
+    cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))
+    generator = torch.Generator().manual_seed(4)
+    together = cascade.sample(5, generator=generator)[0]
+    generator = torch.Generator().manual_seed(4)
+    apart = torch.cat([cascade.sample(size, generator=generator)[0] for size in (2, 1, 2)])
+    assert torch.equal(together, apart)

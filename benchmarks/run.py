@@ -1,0 +1,133 @@
+"""`make bench`: the project's performance measured side by side in one run, written to
+bench/results.json and bench/results.md.
+
+    python -m benchmarks.run [--quick] [--minutes 15] [--smoke] [--out bench]
+
+--quick: reduced sizes and 1 minute of training per model (a few minutes in all);
+--smoke: seconds, on the `smoke` experiment, to keep the code working (CI runs it).
+Parts: memory and time per training step against image size and S; sampling speed;
+quality at equal training minutes against a single full-image transformer and ordinary
+codecs; training throughput and the fraction of the machine's matmul peak it reaches; and
+the figures of `python -m benchmarks.gpu` when they were measured on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import memory, quality, sampling, throughput
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def cell(value):
+        if value is None:
+            return "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def markdown(results: dict) -> str:
+    out = [f"# Benchmarks\n\n`{results['command']}` on {results['machine']['cpu']} "
+           f"({results['machine']['threads']} threads, torch {results['machine']['torch']}), "
+           f"{results['date']}; {results['minutes_total']:.1f} minutes in all.\n"]
+    m = results["memory_settings"]
+    out.append(f"## Memory and time per training step\n\nSize SPN (S = 1: the full-image transformer), "
+               f"width {m['width']}, batch {m['batch']}, 3 channels; budgets "
+               f"{m['memory_budget_mb']} MB and {m['time_budget_s']} s per case.\n")
+    out.append(table(["image", "S", "slice", "peak MB", "step s", "memory vs S=1", "time vs S=1", "ideal 1/S^2",
+                      "status"],
+                     [[r["image"], r["S"], r["slice"], r["peak_mb"], r["step_s"], r.get("peak_mb_vs_S1"),
+                       r.get("step_s_vs_S1"), r["ideal"], r["status"]] for r in results["memory"]]))
+    s = results["sampling"]
+    d = s["decoder"]
+    out.append(f"\n## Sampling\n\nOne decoder, {d['sequence']}, batch {d['batch']}: cached {d['cached_s']:.3g} s, "
+               f"recomputing the prefix {d['recomputed_s']:.3g} s: **{d['cached_speedup']:.1f}x**, identical "
+               f"samples: {d['identical']}.\n")
+    rows = []
+    for c in s["cascades"]:
+        for r in c["rows"]:
+            rows.append([c["experiment"], c["shape"], r["method"], r["batch"], r["s_per_image"], r["subpixels_per_s"]])
+    out.append(table(["cascade", "image", "sampler", "batch", "s per image", "sub-pixels/s"], rows))
+    for c in s["cascades"]:
+        out.append(f"\n{c['experiment']}: fast sampler vs the reference at batch 16: "
+                   f"**{c['fast_vs_reference_at_16']:.2f}x**, identical images {c['identical_images']}, "
+                   f"log-probabilities within {c['max_log_prob_difference_nats']:.1e} nats.")
+    q = results.get("quality")
+    if q:
+        out.append(f"\n## Quality at equal compute ({q['minutes']:g} minutes of training each)\n\n"
+                   f"Test bits/dim on {q['test_images']} test images of `{q['experiment']}`.\n")
+        rows = [["cascade (" + ", ".join(q["cascade"]["stages"]) + ")", q["cascade_bpd"],
+                 ", ".join(f"{k} {v:.3f}" for k, v in q["cascade"]["stages"].items())],
+                ["single full-image transformer", q["single_transformer_bpd"], ""]]
+        if q["cascade"].get("compressed_bpd"):
+            rows.append(["cascade as a codec (real file, make compress)", q["cascade"]["compressed_bpd"], ""])
+        rows += [[name, value, ""] for name, value in q["codecs"].items()]
+        out.append(table(["model or codec", "test bits/dim", "stages"], rows))
+    t = results["throughput"]
+    out.append(f"\n## Training throughput\n\nMatmul peak measured now: {t['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
+               f"({t['threads']} threads).\n")
+    out.append(table(["stage", "parameters", "batch", "images/s", "GFLOP per step", "GFLOP/s", "of peak"],
+                     [[r["stage"], r["parameters"], r["batch"], r["images_per_s"], r["flops_per_step"] / 1e9,
+                       r["flops_per_s"] / 1e9, r["utilisation"]] for r in t["stages"]]))
+    g = results["gpu"]
+    out.append("\n## On a GPU\n\n" + (g["note"] if "note" in g else table(
+        ["setting", "stage", "batch", "images/s", "MFU", "s per image (sampling)"],
+        [[r["setting"], r["stage"], r["batch"], r.get("images_per_s"), r.get("model_flops_utilisation"),
+          r.get("s_per_image")] for r in g["rows"]])))
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--minutes", type=float, default=None, help="training minutes per model (default 15, quick 1)")
+    parser.add_argument("--exp", default="fashion_mnist")
+    parser.add_argument("--out", default="bench")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    minutes = args.minutes if args.minutes is not None else 0.1 if args.smoke else 1.0 if args.quick else 15.0
+    command = "make bench" + (" QUICK=1" if args.quick else "") + (f" MINUTES={args.minutes:g}" if args.minutes else "")
+    if args.smoke:
+        command = "python -m benchmarks.run --smoke"
+    results = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    print("memory per training step ...", flush=True)
+    measured = memory.run(args.quick, args.smoke)
+    results["memory"], results["memory_settings"] = measured["rows"], measured["settings"]
+    print("sampling ...", flush=True)
+    results["sampling"] = sampling.run(args.quick, args.smoke)
+    print("training throughput ...", flush=True)
+    experiment = "smoke" if args.smoke else args.exp
+    results["throughput"] = throughput.run(experiment, args.quick, args.smoke)
+    print(f"quality at {minutes:g} minutes each ...", flush=True)
+    results["quality"] = quality.run(experiment, minutes, test_images=64 if args.smoke else 1000 if args.quick else None,
+                                     folder=out / "runs")
+    gpu = out / "gpu.json"
+    measured = json.loads(gpu.read_text()) if gpu.exists() else None
+    results["gpu"] = measured if measured and measured.get("device") != "cpu" else {
+        "note": "Not measured: no GPU was available to this run. `python -m benchmarks.gpu` measures it on a "
+                "machine with one (bf16 mixed precision, torch.compile, MFU, sampling) and writes bench/gpu.json, "
+                "which this report then includes."}
+    results["minutes_total"] = (time.perf_counter() - start) / 60
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'} ({results['minutes_total']:.1f} minutes)")
+
+
+if __name__ == "__main__":
+    main()

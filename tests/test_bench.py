@@ -1,0 +1,31 @@
+"""The benchmarks run (in seconds, on tiny settings) and write the files the README quotes.
+They are measurements, not timed tests: nothing here asserts a speed."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_both_result_files(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"image", "S", "peak_mb", "step_s"} <= set(results["memory"][0])
+    assert {"cached_speedup", "cascade_s_per_image"} <= set(results["sampling"])
+    assert {"minutes", "cascade_bpd", "single_transformer_bpd", "codecs"} <= set(results["quality"])
+    assert results["sampling"]["decoder"]["identical"]
+    assert "## Quality at equal compute" in (tmp_path / "results.md").read_text()
+
+
+def test_gpu_script_runs_on_the_cpu(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--smoke", "--out", str(tmp_path / "gpu.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert any(row["stage"] == "cascade sampling" for row in rows)
