@@ -113,6 +113,7 @@ class SubscaleDataModule(L.LightningDataModule):
         return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
     def loader(self, split: str, train: bool, limit: int | None = None):
+        """The DataLoader of `split` for this process (the first `limit` images of it, if given)."""
         hp = self.hparams
         rank, world = self.processes()
         options = dict(num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0, collate_fn=self.collate)

@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class EpochSampler(Sampler[int]):
+    """Training order: a seeded permutation per epoch, this rank's share, resumable mid-epoch."""
+
     def __init__(self, length: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
         self.length, self.batch_size, self.seed, self.rank, self.world = length, batch_size, seed, rank, world
         self.epoch = 0

@@ -49,6 +49,7 @@ class Cascade:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images."""
         return self.height, self.width, self.C
 
     @classmethod
@@ -68,6 +69,7 @@ class Cascade:
         return cls(stages)
 
     def to(self, device) -> "Cascade":
+        """Move every stage to `device`."""
         self.stages = {name: stage.to(device) for name, stage in self.stages.items()}
         self.device = torch.device(device)
         return self
@@ -91,6 +93,7 @@ class Cascade:
         return out
 
     def bpd(self, nats: torch.Tensor | float) -> float:
+        """Nats per image -> bits per dimension of these images."""
         return float(bits_per_dim(nats, self.dims))
 
     # ------------------------------------------------------------ sampling
@@ -142,4 +145,5 @@ class Cascade:
         return images, log_prob, pictures
 
     def picture(self, known: dict, done: dict) -> torch.Tensor:
+        """The image so far, 8-bit (n, H, W, C) (see `pipeline.pictures.partial_image`)."""
         return partial_image(known, done, self.S, self.bits, self.high_bits)

@@ -35,7 +35,7 @@ import torch
 from data.transforms import from_sequence, from_slices, merge_depth, to_sequence
 from pipeline.checkpoints import weights_digest
 from pipeline.progress import progress_bar
-from stages.networks import IncrementalDecoder
+from stages.networks import IncrementalDecoder, log_probs
 
 MAGIC = b"SPNC"
 VERSION = 1
@@ -97,7 +97,7 @@ def code_chunk(cascade, images: torch.Tensor | None, real: int, coder, encode: b
         target = to_sequence(truth[part][:, k]) if encode else None  # (chunk, T)
         previous = torch.full((chunk,), decoder.start_token, dtype=torch.long)
         for t in range(decoder.cfg.length):
-            log_p = decoder.distribution.log_probs(step.step(previous, t))  # (chunk, V)
+            log_p = log_probs(step.step(previous, t))  # (chunk, V)
             p = probabilities(log_p[:real])
             if encode:
                 symbols = target[:, t]

@@ -119,6 +119,7 @@ def read_images(path: str | Path, channels: int, background: str = "white") -> n
 
 
 def check_shape(images: np.ndarray, expected: tuple[int, int, int], what: str) -> None:
+    """Raise ValueError naming the shape wanted when images (N, H, W, C) are not of shape `expected`."""
     if tuple(images.shape[1:]) != tuple(expected):
         h, w, c = expected
         raise ValueError(f"{what} has shape {tuple(images.shape[1:])} (H, W, C), expected {expected}: "

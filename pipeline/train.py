@@ -49,6 +49,8 @@ class LogConfigToLogger(SaveConfigCallback):
 
 
 class StageCLI(LightningCLI):
+    """LightningCLI of one stage; the data section's geometry is linked into the model's."""
+
     def add_arguments_to_parser(self, parser) -> None:
         for key in GEOMETRY:  # the data module owns the geometry; every stage inherits it
             parser.link_arguments(f"data.{key}", f"model.{key}")
@@ -108,7 +110,9 @@ def set_aside_if_stale(last: Path, model, data, stage: str) -> bool:
 
 
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
-    """Train (or resume) one stage; return the final checkpoint path."""
+    """Train (or resume) one stage of experiment `exp` in `run_dir`; return the final checkpoint path.
+    `overrides` are LightningCLI arguments. Raises ConfigError (a ValueError) for bad settings,
+    TrainingDiverged when the loss or the weights stop being finite, KeyboardInterrupt on Ctrl+C."""
     experiment = load_experiment(exp)
     run_dir = Path(run_dir)
     config = lightning_config(experiment, stage, run_dir)

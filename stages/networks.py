@@ -18,11 +18,12 @@ from einops import rearrange
 from torch import nn
 
 from data.transforms import pixel_of_subpixel
-from stages.distributions import output_distribution
 
 
 @dataclass
 class DecoderConfig:
+    """Sizes of a `SliceDecoder`: values per sub-pixel, the slice's shape, and the network's."""
+
     n_values: int  # categories per sub-pixel: 2**bits
     slice_shape: tuple[int, int, int]  # (h, w, C) of one slice: T = h * w * C sub-pixels
     width: int = 128
@@ -30,8 +31,6 @@ class DecoderConfig:
     heads: int = 4
     context_width: int = 0  # 0: unconditional (the first-slice decoder)
     dropout: float = 0.0
-    output: str = "softmax"  # or "logistic_mixture" (stages.distributions)
-    components: int = 10  # logistics in the mixture
 
     @property
     def length(self) -> int:
@@ -41,6 +40,8 @@ class DecoderConfig:
 
 @dataclass
 class ContextConfig:
+    """Sizes of a `ConditioningNetwork`: its input channels, meta-positions, pixels and network."""
+
     in_channels: int  # channels of the stacked known slices (and their presence masks)
     n_slices: int  # meta-positions k = 0 .. S*S-1
     positions: int  # h * w pixels of one slice
@@ -60,6 +61,9 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention (B, T, width) -> (B, T, width), causal or not, with an optional
+    key/value cache for incremental decoding; raises ValueError when heads do not divide width."""
+
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
         if width % heads:
@@ -98,6 +102,8 @@ class Block(nn.Module):
 
 
 class ResidualConv(nn.Module):
+    """x + two (GroupNorm, GELU, 3x3 convolution) layers; (B, width, h, w) -> same."""
+
     def __init__(self, width: int):
         super().__init__()
         self.body = nn.Sequential(nn.GroupNorm(1, width), nn.GELU(), nn.Conv2d(width, width, 3, padding=1),
@@ -108,6 +114,11 @@ class ResidualConv(nn.Module):
 
 
 class ConditioningNetwork(nn.Module):
+    """The context of target slice k (paper, section 3.2): the known slices stacked along channels
+    at slice resolution (B, in_channels, h, w) and the meta-position k (B,) -> one feature vector
+    per pixel of the slice (B, h*w, width), in raster order. A 3x3 stem, residual convolutions
+    (each sees a neighbourhood of S x S blocks of the full image), then unmasked self-attention."""
+
     def __init__(self, cfg: ContextConfig):
         super().__init__()
         self.cfg = cfg
@@ -128,6 +139,12 @@ class ConditioningNetwork(nn.Module):
 
 
 class SliceDecoder(nn.Module):
+    """Autoregressive model of the T = h*w*C sub-pixels of one slice (paper, section 3.2): a causal
+    transformer whose input at position t is the value at t-1 (a start token at t = 0), a learnt
+    position and the context of t's own pixel; its output at t is the logits of sub-pixel t's
+    categorical distribution over 2**bits values. Incremental decoding: `step`
+    (simple, the reference) and `IncrementalDecoder` (fast); `sample` draws a whole slice."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -138,8 +155,7 @@ class SliceDecoder(nn.Module):
         self.register_buffer("pixel_index", pixel_of_subpixel(*cfg.slice_shape), persistent=False)  # (T,)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width)
-        self.distribution = output_distribution(cfg.output, cfg.n_values, cfg.components)
-        self.head = nn.Linear(cfg.width, self.distribution.params)
+        self.head = nn.Linear(cfg.width, cfg.n_values)
 
     def context_tokens(self, context: torch.Tensor | None) -> torch.Tensor | None:
         """Per-pixel context (B, h*w, Dc) -> per-sub-pixel input term (B, T, width)."""
@@ -148,7 +164,7 @@ class SliceDecoder(nn.Module):
         return self.context_projection(context)[:, self.pixel_index]  # each sub-pixel gets its own pixel's
 
     def forward(self, values: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """values (B, T) long -> distribution parameters (B, T, params); position t sees values < t only."""
+        """values (B, T) long -> logits (B, T, n_values); position t sees values < t only."""
         start = torch.full_like(values[:, :1], self.start_token)
         inputs = torch.cat([start, values[:, :-1]], dim=1)  # shifted right by one
         x = self.value_embedding(inputs) + self.position[: values.shape[1]]
@@ -160,6 +176,7 @@ class SliceDecoder(nn.Module):
         return self.head(self.norm(x))
 
     def new_cache(self, batch: int, device, dtype=torch.float32) -> KVCache:
+        """An empty key/value cache for `step`, for `batch` sequences."""
         cfg = self.cfg
         return KVCache(cfg.layers, batch, cfg.heads, cfg.length, cfg.width // cfg.heads, device, dtype)
 
@@ -206,13 +223,18 @@ class SliceDecoder(nn.Module):
                 out = self.step(previous, t, ctx, cache)
             else:
                 out = self.forward(values[:, : t + 1], context)[:, t]
-            log_p = self.distribution.log_probs(out)  # (B, n_values)
+            log_p = log_probs(out)  # (B, n_values)
             previous = inverse_cdf(log_p, noise[:, t], temperature)
             values[:, t] = previous
             log_prob += log_p.gather(1, previous[:, None])[:, 0]
             if progress is not None:
                 progress.update(1)
         return values, log_prob
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) -> log-probabilities in nats (..., V), computed in float32."""
+    return F.log_softmax(logits.float(), dim=-1)
 
 
 def inverse_cdf(log_p: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -242,7 +264,7 @@ class IncrementalDecoder:
         self.scale = self.head_dim**-0.5
 
     def step(self, previous: torch.Tensor, t: int) -> torch.Tensor:
-        """previous (B,) the value at t-1 (start token at t = 0) -> distribution parameters (B, params) for t."""
+        """previous (B,) the value at t-1 (start token at t = 0) -> logits (B, n_values) for t."""
         d = self.decoder
         x = F.embedding(previous, d.value_embedding.weight) + self.inputs[:, t]  # (B, W)
         batch, width = x.shape

@@ -15,6 +15,7 @@ import math
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torchmetrics import MeanMetric
 
@@ -43,6 +44,12 @@ def scaled(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class SubscaleStage(L.LightningModule):
+    """One stage of the cascade: a `SliceDecoder` (and, for the SPNs, a `ConditioningNetwork`) over
+    the slices the stage models, trained with the paper's Monte-Carlo estimator (section 3.3)
+    and validated on the exact NLL of all its slices (`val/bpd`: its share of the whole image's
+    bits/dim). Geometry: image_size (H or [H, W]), channels C, bits n, high_bits b, subscale S;
+    raises ValueError for settings that do not fit together or do not suit the stage."""
+
     stage = ""  # name of the stage: its checkpoint file and W&B job_type
 
     def __init__(
@@ -63,8 +70,6 @@ class SubscaleStage(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 200,
         compile: bool = False,
-        output: str = "softmax",
-        mixture_components: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -80,8 +85,7 @@ class SubscaleStage(L.LightningModule):
             layers=context_layers, attention_layers=context_attention_layers, heads=heads))
         self.decoder = SliceDecoder(DecoderConfig(
             n_values=2**self.value_bits, slice_shape=(self.h, self.w, channels), width=width,
-            layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout,
-            output=output, components=mixture_components))
+            layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout))
         self.val_nll = MeanMetric()
         self.slice_ids = torch.tensor(self.modelled_slices())  # on the CPU, like the estimator's generator
 
@@ -91,9 +95,10 @@ class SubscaleStage(L.LightningModule):
     context_parts: tuple[str, ...] = ()  # parts its conditioning network sees (of its own part: slices < k)
 
     def check_geometry(self) -> None:
-        pass
+        """Raise ValueError when the geometry does not suit this stage."""
 
     def modelled_slices(self) -> list[int]:
+        """The slice ids k this stage models, in generation order."""
         raise NotImplementedError
 
     def context_channels(self) -> int:
@@ -101,6 +106,7 @@ class SubscaleStage(L.LightningModule):
         return 0
 
     def context_stack(self, known: dict, k: torch.Tensor) -> torch.Tensor:
+        """The conditioning network's input for target slices k (B,): (B, context_channels(), h, w)."""
         raise NotImplementedError
 
     def target(self, known: dict) -> torch.Tensor:
@@ -109,6 +115,7 @@ class SubscaleStage(L.LightningModule):
 
     # ------------------------------------------------------------ shared machinery
     def sliced(self, batch: dict) -> dict:
+        """A batch {"msb", "lsb": (B, H, W, C)} -> its slices {"msb", "lsb": (B, S*S, h, w, C)}."""
         return {part: to_slices(batch[part], self.S) for part in ("msb", "lsb")}
 
     def known_mask(self, k: torch.Tensor) -> torch.Tensor:
@@ -116,6 +123,7 @@ class SubscaleStage(L.LightningModule):
         return (torch.arange(self.S**2, device=k.device)[None] < k[:, None]).float()
 
     def context(self, known: dict, k: torch.Tensor) -> torch.Tensor | None:
+        """Per-pixel context of target slices k (B,): (B, h*w, context_width), or None (first slice)."""
         if self.context_net is None:
             return None
         return self.context_net(self.context_stack(known, k), k)  # (B, h*w, context_width)
@@ -124,8 +132,8 @@ class SubscaleStage(L.LightningModule):
         """Exact NLL in nats of slice k[b] of each example given its true earlier context, (B,)."""
         target = self.target(known)[torch.arange(len(k), device=k.device), k]  # (B, h, w, C)
         values = to_sequence(target).long()  # (B, T)
-        out = self.decoder(values, self.context(known, k))  # (B, T, params)
-        return -self.decoder.distribution.log_prob(out, values).sum(1)
+        logits = self.decoder(values, self.context(known, k))  # (B, T, n_values)
+        return F.cross_entropy(logits.float().transpose(1, 2), values, reduction="none").sum(1)
 
     def random_slices(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One target slice per example, uniform over this stage's slices (the estimator's draw), (B,)."""
@@ -188,6 +196,7 @@ class SubscaleStage(L.LightningModule):
             raise self.diverged("the weights hold NaN or infinity")
 
     def diverged(self, what: str) -> TrainingDiverged:
+        """The one-line error that stops a diverging run, naming the step and the learning rate."""
         lr = self._trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else float("nan")
         return TrainingDiverged(f"{self.stage} diverged at step {self.global_step} (learning rate {lr:.3g}): {what}; "
                                 f"no checkpoint holds that: lower the learning rate (ARGS=\"--model.lr=...\") "
