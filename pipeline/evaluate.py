@@ -63,7 +63,8 @@ def main(args) -> None:
         raise ValueError(f"no images to evaluate in {split}")
     images = torch.cat(stored)
     count, dims = len(images), images.numel()
-    shares = {name: cascade.bpd(nats[name] / count) if name in nats else 0.0 for name in STAGE_NAMES}
+    # the cascade's own stages only: a two-stage cascade (b = n) has no depth share at all
+    shares = {name: cascade.bpd(nats[name] / count) for name in STAGE_NAMES if name in nats}
     compressed = None if args.skip_compress else compress(cascade, images.long(), progress=True)
     result = {
         "bpd": sum(shares.values()),
@@ -78,8 +79,8 @@ def main(args) -> None:
     out = Path(args.run_dir) / "eval.json"
     save_json(out, result)
     print(f"{'':<28}bits/dim   ({count} images of {split})")
-    for name in STAGE_NAMES:
-        print(f"  {name:<26}{shares[name]:8.4f}")
+    for name, share in shares.items():
+        print(f"  {name:<26}{share:8.4f}")
     print(f"  {'cascade (total)':<26}{result['bpd']:8.4f}")
     if compressed is not None:
         print(f"  {'make compress (real file)':<26}{result['compressed_bpd']:8.4f}")

@@ -36,7 +36,8 @@ def test_sampling_agrees_with_scoring():
 
 UNIFORM_GEOMETRIES = [dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2),
                       dict(image_size=4, channels=3, bits=5, high_bits=3, subscale=2),
-                      dict(image_size=8, channels=3, bits=3, high_bits=1, subscale=4)]
+                      dict(image_size=8, channels=3, bits=3, high_bits=1, subscale=4),
+                      dict(image_size=4, channels=1, bits=3, high_bits=3, subscale=2)]  # no depth stage
 
 
 def uniform_shares(geometry):
