@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", message=".*define a `flops_per_batch`.*")
 # the CLI composes LightningCLI's arguments itself; Lightning's internal deprecations are not the user's
 warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning vs a newer torch
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage())  # an advertisement, not the run's news
 GEOMETRY = ("image_size", "channels", "bits", "high_bits", "subscale")

@@ -20,7 +20,9 @@ def test_bench_smoke_writes_both_result_files(tmp_path):
     assert {"cached_speedup", "cascade_s_per_image"} <= set(results["sampling"])
     assert {"minutes", "cascade_bpd", "single_transformer_bpd", "codecs"} <= set(results["quality"])
     assert results["sampling"]["decoder"]["identical"]
+    assert results["codec"]["identical"]
     assert "## Quality at equal compute" in (tmp_path / "results.md").read_text()
+    assert "## The cascade as a codec" in (tmp_path / "results.md").read_text()
 
 
 def test_gpu_script_runs_on_the_cpu(tmp_path):
