@@ -3,7 +3,8 @@
 #   make compress INPUT=<folder|x.npz> OUT=x.spn | decompress INPUT=x.spn OUT=<folder|x.npz>
 # Variables: EXP (conf/experiments/<EXP>.yaml, or a path to a YAML file), RUN_DIR, ARGS (LightningCLI
 # overrides for training), N, TEMPERATURE, SEED, BATCH (sampling), IMAGES (evaluate those images),
-# INPUT, OUT (upscale, deepen, compress, decompress), PYTHON, TORCH (the torch requirement installed first when torch is missing).
+# INPUT, OUT (upscale, deepen, compress, decompress), QUICK, MINUTES (bench), PYTHON, TORCH (the torch
+# requirement installed first when torch is missing).
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 .SUFFIXES:
@@ -49,7 +50,7 @@ STAGE_CKPTS := $(foreach s,$(STAGES),$(CKPT)/$(s).ckpt)
         upscale deepen compress decompress bench clean
 
 help:
-	@sed -n '2,5p' Makefile | sed 's/^# *//'
+	@sed -n '2,7p' Makefile | sed 's/^# *//'
 	@echo "Start with: make demo (install, data, train, sample, evaluate) or make test. README.md says more."
 
 install: $(INSTALLED)

@@ -1,5 +1,5 @@
 """One stage alone, for a fixed budget of training seconds: the reduced-budget rows of the
-README's ablation table (issue: win the headline bits/dim back).
+README's ablation table.
 
 The stage's real training step (Monte-Carlo estimator, AdamW betas (0.9, 0.95), weight decay
 0.01 on matrices, gradient clipping at 1, linear warmup then cosine decay to 0) in a plain

@@ -39,7 +39,7 @@ def pipeline(*args: str) -> None:
 def transformer_experiment(config: dict) -> dict:
     """The same data at S = 1, b = n: one first-slice decoder over the whole image."""
     size_spn = config["stages"].get("size_spn", config["stages"]["first_slice"]).get("model", {})
-    model = {key: size_spn[key] for key in ("width", "layers", "heads", "lr", "warmup_steps", "output") if key in size_spn}
+    model = {key: size_spn[key] for key in ("width", "layers", "heads", "lr", "warmup_steps") if key in size_spn}
     data = {**config["data"], "subscale": 1, "high_bits": config["data"]["bits"]}
     return {"data": data, "trainer": config.get("trainer", {}), "checkpoint_every": 10**9,
             "stages": {"first_slice": {"model": model}}}
@@ -95,7 +95,7 @@ def run(experiment: str = "fashion_mnist", minutes: float = 15.0, test_images: i
         pipeline("evaluate", "--exp", str(path), "--run-dir", str(run_dir), "--images", str(folder / "test_images.npz"),
                  *extra)
         report = json.loads((run_dir / "eval.json").read_text())
-        results[name] = {"bpd": report["bpd"], "stages": {k: v for k, v in report["stages"].items() if v},
+        results[name] = {"bpd": report["bpd"], "stages": report["stages"],
                          "training": training, "compressed_bpd": report.get("compressed_bpd")}
         results["codecs"] = report["codecs"]
         print(f"  quality: {name}: {results[name]}", flush=True)

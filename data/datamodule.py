@@ -1,7 +1,7 @@
 """`SubscaleDataModule`: the one LightningDataModule that feeds every stage.
 
 A batch is a dict of uint8 tensors:
-    image (B, H, W, C)  the image quantised to `bits` bits (x in DESIGN.md)
+    image (B, H, W, C)  the image quantised to `bits` bits (x)
     msb   (B, H, W, C)  its `high_bits` most significant bits (m)
     lsb   (B, H, W, C)  its `bits - high_bits` least significant bits (l)
 Slicing into S*S sub-images happens in the stages, with `data.transforms.to_slices`.

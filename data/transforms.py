@@ -1,4 +1,5 @@
-"""The two exact reshuffles of the factorisation (DESIGN.md section 2).
+"""The two exact reshuffles of the factorisation (Menick & Kalchbrenner 2019: the subscale ordering and
+multidimensional upscaling).
 
 Bit depth:  x (n bits) -> m = x >> (n-b)  (b most significant bits)
                           l = x & (2**(n-b) - 1)  (n-b least significant bits)

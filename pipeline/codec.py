@@ -23,6 +23,7 @@ Container (all integers little-endian):
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import struct
@@ -48,7 +49,7 @@ class CodecError(ValueError):
 
 
 def model_digest(cascade) -> bytes:
-    """SHA-256 over the stages in cascade order: which exact checkpoints a file needs."""
+    """SHA-256 over the stages (by name) and their weights: which exact checkpoints a file needs."""
     digest = hashlib.sha256()
     for name in sorted(cascade.stages):
         digest.update(name.encode() + bytes.fromhex(weights_digest(cascade.stages[name])))
@@ -57,6 +58,19 @@ def model_digest(cascade) -> bytes:
 
 def image_digest(images: torch.Tensor) -> bytes:
     return hashlib.sha256(images.to(torch.uint8).contiguous().numpy().tobytes()).digest()[:16]
+
+
+def on_cpu(cascade):
+    """The cascade on the CPU (a copy when it is elsewhere): a file compressed on a GPU machine
+    must decode on a CPU one, so both sides compute the probabilities on a CPU."""
+    return cascade if cascade.device.type == "cpu" else copy.deepcopy(cascade).to("cpu")
+
+
+def valid_names(names) -> bool:
+    """Names stored in a file become file names: plain names only, never a path."""
+    return isinstance(names, list) and all(
+        isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        for name in names)
 
 
 @contextmanager
@@ -115,16 +129,20 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
     """Losslessly compress n-bit images (N, H, W, C) with the cascade; returns the container bytes.
 
     `names` (optional) are kept in the file, for decompressing to a folder of the same names.
-    Raises ValueError for images of another shape or values beyond the cascade's n bits.
-    Source: the cascade's factorisation (DESIGN.md section 2) driving a range coder.
+    Raises ValueError for images of another shape, values beyond the cascade's n bits, or names
+    that are not one plain file name per image. Runs on the CPU (a copy of a cascade elsewhere).
+    Source: the cascade's factorisation (Menick & Kalchbrenner 2019; README) driving a range coder.
     """
     import constriction
 
-    images = torch.as_tensor(images).long()
+    cascade = on_cpu(cascade)
+    images = torch.as_tensor(images).long().cpu()
     if images.dim() != 4 or tuple(images.shape[1:]) != cascade.shape:
         raise ValueError(f"images have shape {tuple(images.shape)}, the model codes (N, {cascade.shape})")
     if images.numel() and (images.min() < 0 or images.max() >= 2**cascade.bits):
         raise ValueError(f"image values must be {cascade.bits}-bit integers, 0 .. {2**cascade.bits - 1}")
+    if names and (len(names) != len(images) or not valid_names(list(names))):
+        raise ValueError("names must be one plain file name (no folder) per image")
     n = len(images)
     streams = []
     bar = progress_bar(n, "compressing", "image", disable=not progress)
@@ -158,15 +176,24 @@ def read_header(data: bytes, cascade=None) -> dict:
     body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
     if zlib.crc32(body) != crc:
         raise CodecError("the file is damaged or truncated (checksum mismatch); nothing was decoded")
+    if n and not chunk:
+        raise CodecError("the file's header is invalid (0 images per chunk); nothing was decoded")
     pos = HEAD.size
     model, images_digest = data[pos:pos + 32], data[pos + 32:pos + 48]
-    (names_length,) = struct.unpack_from("<I", data, pos + 48)
-    pos += 52
-    names = json.loads(zlib.decompress(data[pos:pos + names_length]))
-    pos += names_length
-    chunks = -(-n // chunk) if n else 0
-    counts = struct.unpack_from(f"<{chunks}I", data, pos)
-    pos += 4 * chunks
+    try:
+        (names_length,) = struct.unpack_from("<I", data, pos + 48)
+        pos += 52
+        names = json.loads(zlib.decompress(data[pos:pos + names_length]))
+        pos += names_length
+        chunks = -(-n // chunk) if n else 0
+        counts = struct.unpack_from(f"<{chunks}I", data, pos)
+        pos += 4 * chunks
+    except (struct.error, zlib.error, ValueError) as error:  # ValueError covers bad JSON and text
+        raise CodecError(f"the file's header is invalid ({error}); nothing was decoded") from error
+    if not valid_names(names) or (names and len(names) != n):
+        raise CodecError("the file's image names are invalid (not plain file names); nothing was decoded")
+    if pos + 4 * sum(counts) > len(body):
+        raise CodecError("the file is shorter than its header says (truncated); nothing was decoded")
     header = dict(shape=(height, width, channels), bits=bits, high_bits=high_bits, subscale=subscale, n=n,
                   chunk=chunk, model=model, images_digest=images_digest, names=names, counts=counts, start=pos)
     if cascade is not None:
@@ -186,6 +213,7 @@ def decompress(cascade, data: bytes, progress: bool = False) -> tuple[torch.Tens
     decoded images that do not match the stored digest (never garbage images)."""
     import constriction
 
+    cascade = on_cpu(cascade)
     header = read_header(data, cascade)
     n, pos = header["n"], header["start"]
     out = torch.zeros((n, *cascade.shape), dtype=torch.long)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.transforms import quantize
@@ -22,6 +21,8 @@ def compress_command(args) -> None:
     experiment, cascade = load_cascade(args)
     images8 = read_images(args.input, cascade.C, experiment["data"].get("background", "white"))
     check_shape(images8, cascade.shape, f"INPUT {args.input}")
+    if not len(images8):
+        raise ValueError(f"INPUT {args.input} holds no images")
     names = [f.stem for f in image_files(args.input)] if Path(args.input).is_dir() else []
     images = quantize(torch.from_numpy(images8), cascade.bits).long()
     data = compress(cascade, images, names, progress=True)
@@ -43,8 +44,8 @@ def decompress_command(args) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}: give INPUT=<a file written by make compress>")
     out = Path(args.out)
-    if out.suffix != ".npz" and out.exists() and any(out.iterdir()):
-        raise ValueError(f"OUT={out} is a folder that is not empty: give a new folder (nothing is overwritten)")
+    if out.exists() and (out.suffix == ".npz" or not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"OUT={out} exists: give a new file or folder name (nothing is overwritten)")
     _, cascade = load_cascade(args)
     try:
         images, names = decompress(cascade, path.read_bytes(), progress=True)

@@ -12,6 +12,7 @@ An experiment file has three parts:
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from pathlib import Path
 
@@ -45,16 +46,33 @@ def load_experiment(name: str | None = None) -> dict:
     if not path.is_file():
         raise ConfigError(f"no experiment {name!r}: {path} does not exist; "
                           f"use EXP=<one of {', '.join(experiment_names())}>")
-    with open(path) as f:
-        experiment = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            experiment = yaml.safe_load(f) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML ({' '.join(str(error).split())}); "
+                          f"see conf/experiments/smoke.yaml") from error
     with open(CONF_DIR / "trainer.yaml") as f:
         defaults = yaml.safe_load(f)
+    if not isinstance(experiment, dict):
+        raise ConfigError(f"{path} is not a mapping of sections; see conf/experiments/smoke.yaml")
     experiment = merge(defaults, experiment)
     experiment.setdefault("name", path.stem)
     for key in ("data", "stages"):
-        if key not in experiment:
+        if not isinstance(experiment.get(key), dict):
             raise ConfigError(f"experiment {path} has no '{key}' section; see conf/experiments/smoke.yaml")
+    experiment["data"] = {**geometry_defaults(), **experiment["data"]}
     return experiment
+
+
+def geometry_defaults() -> dict:
+    """SubscaleDataModule's defaults of the geometry settings: what a data section may leave out."""
+    from data.datamodule import SubscaleDataModule
+    from stages import GEOMETRY
+
+    parameters = inspect.signature(SubscaleDataModule.__init__).parameters
+    return {key: parameters[key].default for key in GEOMETRY
+            if key in parameters and parameters[key].default is not inspect.Parameter.empty}
 
 
 def stage_names(experiment: dict) -> list[str]:

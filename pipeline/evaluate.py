@@ -3,7 +3,7 @@ IMAGES=file.npz|folder), beside the real size of those images compressed by the 
 (`make compress`) and what PNG, lossless WebP and lossless JPEG-XL spend on them.
 
 Writes `$(RUN_DIR)/eval.json`:
-    {"bpd", "stages": {first_slice, size_spn, depth_spn}, "n_images", "split",
+    {"bpd", "stages": {share of each of the cascade's stages}, "n_images", "split",
      "compressed_bpd" (the real file of `make compress`, header included),
      "codecs": {png, webp, jxl, png_mosaic, webp_mosaic, jxl_mosaic},
      "nll": [nats per image] (with IMAGES only)}

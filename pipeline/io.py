@@ -96,7 +96,10 @@ def image_files(folder: str | Path) -> list[Path]:
 
 
 def read_images(path: str | Path, channels: int, background: str = "white") -> np.ndarray:
-    """An .npz with `images` (N, H, W, C) uint8, a single image, or a folder of images -> (N, H, W, C)."""
+    """An .npz with `images` (N, H, W, C) uint8, a single image, or a folder of images -> (N, H, W, C).
+    Raises ValueError when no path is given or the images are unusable, FileNotFoundError when missing."""
+    if not str(path).strip():
+        raise ValueError("no input given: INPUT=<an image, a folder of images, or an .npz with 'images'>")
     path = Path(path)
     if path.is_dir():
         images = [read_image(f, channels, background) for f in image_files(path)]

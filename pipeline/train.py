@@ -19,12 +19,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from data.datamodule import SubscaleDataModule
 from pipeline.callbacks import PlainProgress, SampleGrid
 from pipeline.checkpoints import AtomicCheckpointIO, save_stage
 from pipeline.config import ConfigError, lightning_config, load_experiment
-from stages import STAGES
+from stages import GEOMETRY, STAGES
 
 # the models report no FLOPs; images per second is what ThroughputMonitor is here for
 warnings.filterwarnings("ignore", message=".*define a `flops_per_batch`.*")
@@ -34,7 +35,6 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning vs a newer torch
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage())  # an advertisement, not the run's news
-GEOMETRY = ("image_size", "channels", "bits", "high_bits", "subscale")
 
 
 def batch_size(batch: dict) -> int:
@@ -136,6 +136,9 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
         except argparse.ArgumentError as error:  # a bad override in ARGS: one line, not a page of usage
             raise ConfigError(f"{' '.join(str(error).split())}; see python -m pipeline train --exp {exp or ''} "
                               f"--stage {stage} --help") from error
+        except MisconfigurationException as error:  # e.g. --trainer.devices=4 on a machine with fewer
+            raise ConfigError(f"{' '.join(str(error).split())} (check ARGS and the trainer section of "
+                              f"the experiment)") from error
 
     if config["trainer"]["logger"]["init_args"]["mode"] == "offline":
         print(f"W&B is offline: runs are kept in {run_dir / 'wandb'}; upload them later with "
@@ -173,7 +176,8 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
         import wandb
 
         wandb.finish()  # also after an error: a later stage in this process must not log into this run
-    print(f"{stage}: wrote {final}")
+    if trainer.is_global_zero:
+        print(f"{stage}: wrote {final}")
     return final
 
 

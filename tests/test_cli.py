@@ -65,8 +65,12 @@ def test_sampling_targets_pass_batch_on(target, tmp_path):
     (["train", "--exp", "smoke", "--stage", "first_slice", "--model.lr=abc"], 'Parser key "model.lr"'),
     (["train", "--exp", "smoke", "--stage", "first_slice", "--model.nope=1"], "unrecognized arguments"),
     (["train", "--exp", "smoke", "--stage", "first_slice", "--data.batch_size=0"], "batch_size=0"),
+    (["train", "--exp", "smoke", "--stage", "first_slice", "--trainer.accelerator=cuda"], "accelerator"),
+    (["sample", "--exp", "tests/broken.yaml"], "is not valid YAML"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(arguments, message, tmp_path):
+    (tmp_path / "broken.yaml").write_text("data: {image_size: 8\nstages: [")
+    arguments = [str(tmp_path / "broken.yaml") if a == "tests/broken.yaml" else a for a in arguments]
     done = subprocess.run([sys.executable, "-m", "pipeline", *arguments, "--run-dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 2
@@ -160,3 +164,14 @@ def test_interrupted_sampling_leaves_the_previous_outputs_whole(tmp_path, monkey
     assert {p.name: p.read_bytes() for p in (run_dir / "samples").iterdir()} == before
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "samples", "wandb"] or \
         sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "samples"]
+
+
+def test_a_data_section_may_leave_the_geometry_to_the_data_modules_defaults(tmp_path):
+    """Training takes SubscaleDataModule's defaults; sampling and evaluation must see the same ones."""
+    from pipeline.config import load_experiment
+
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(
+        {"data": {"source": {"kind": "fashion_mnist"}, "image_size": 28}, "stages": {"first_slice": {}}}))
+    data = load_experiment(str(tmp_path / "short.yaml"))["data"]
+    assert {k: data[k] for k in ("channels", "bits", "high_bits", "subscale")} == dict(
+        channels=1, bits=8, high_bits=8, subscale=1)

@@ -125,3 +125,33 @@ def test_compress_and_decompress_commands(tmp_path, capsys):
     code = cli(["decompress", "--exp", exp, "--run-dir", str(tmp_path / "other"), "--input",
                 str(tmp_path / "mine.spn"), "--out", str(tmp_path / "x")])
     assert code == 2 and "another model" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_names_in_a_file_are_plain_file_names(monkeypatch):
+    """A name stored in a file becomes a file name: a crafted `../x` is refused, never written outside OUT."""
+    import pipeline.codec as codec
+
+    cascade = Cascade(make_stages(**GEOMETRIES[0]))
+    images = cascade.sample(2, generator=torch.Generator().manual_seed(4))[0]
+    with pytest.raises(ValueError, match="plain file name"):
+        compress(cascade, images, names=["a", "../b"])
+    monkeypatch.setattr(codec, "valid_names", lambda names: True)  # a file made elsewhere, with a valid CRC
+    crafted = compress(cascade, images, names=["a", "../b"])
+    monkeypatch.undo()
+    with pytest.raises(CodecError, match="names are invalid"):
+        decompress(cascade, crafted)
+
+
+def test_decompress_never_overwrites_and_compress_wants_input(tmp_path, capsys):
+    geometry = GEOMETRIES[0]
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    run = ["--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run")]
+    cascade = Cascade.load(tmp_path / "run", ["first_slice", "size_spn", "depth_spn"], device="cpu")
+    (tmp_path / "x.spn").write_bytes(compress(cascade, cascade.sample(2, generator=torch.Generator())[0]))
+    for existing in ("old.npz", "old.txt"):
+        (tmp_path / existing).write_bytes(b"keep me")
+        code = cli(["decompress", *run, "--input", str(tmp_path / "x.spn"), "--out", str(tmp_path / existing)])
+        assert code == 2 and "exists" in capsys.readouterr().err
+        assert (tmp_path / existing).read_bytes() == b"keep me"
+    code = cli(["compress", *run, "--input", "", "--out", str(tmp_path / "y.spn")])
+    assert code == 2 and "no input given" in capsys.readouterr().err and not (tmp_path / "y.spn").exists()

@@ -132,7 +132,7 @@ def test_stage_list_follows_the_factorisation():
 @pytest.mark.slow
 def test_make_train_all_sample_evaluate_end_to_end(tmp_path):
     """`make train-all EXP=smoke`, then sample, then score those samples: the sampler's log_prob
-    equals the evaluator's exact log-likelihood (DESIGN.md 4.4)."""
+    equals the evaluator's exact log-likelihood."""
     run_dir = tmp_path / "run"
     make = ["make", "-C", str(ROOT), "EXP=smoke", f"RUN_DIR={run_dir}"]
     done = subprocess.run([*make, "train-all"], capture_output=True, text=True)
