@@ -56,7 +56,7 @@ help:
 install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev]"
 	@touch $@
 
 test: install

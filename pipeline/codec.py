@@ -167,8 +167,10 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
 
 def read_header(data: bytes, cascade=None) -> dict:
     """Parse and check a container; raises CodecError naming what is wrong."""
-    if len(data) < HEAD.size + 4 or data[:4] != MAGIC:
+    if data[:4] != MAGIC:
         raise CodecError("not a compressed image file of this project (no SPNC header)")
+    if len(data) < HEAD.size + 4:
+        raise CodecError("the file is damaged or truncated (shorter than a header); nothing was decoded")
     magic, version, height, width, channels, bits, high_bits, subscale, n, chunk = HEAD.unpack_from(data)
     if version != VERSION:
         raise CodecError(f"format version {version}; this version of the project reads version {VERSION}: "

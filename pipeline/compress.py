@@ -16,6 +16,8 @@ from pipeline.sample import load_cascade
 
 
 def compress_command(args) -> None:
+    if not args.input:
+        raise ValueError("no input given: INPUT=<an image, a folder of images, or an .npz with 'images'>")
     if not args.out:
         raise ValueError("give OUT=<file> to write the compressed images to")
     experiment, cascade = load_cascade(args)

@@ -76,6 +76,7 @@ def damaged(data: bytes):
     version[4] = VERSION + 1
     version += struct.pack("<I", zlib.crc32(bytes(version)))
     return {"truncated": (data[: len(data) - 7], "damaged or truncated"),
+            "cut inside the header": (data[:20], "damaged or truncated"),
             "flipped byte": (bytes(flipped), "damaged or truncated"),
             "unknown version": (bytes(version), f"format version {VERSION + 1}"),
             "not ours": (b"\x89PNG\r\n" + data[6:], "not a compressed image file")}
