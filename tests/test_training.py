@@ -52,18 +52,24 @@ def run_pipeline(*args, env=None, **kwargs):
                           env={**os.environ, **(env or {})}, **kwargs)
 
 
-def wait_for_checkpoint(path: Path, proc, step: int, timeout: float = 300) -> int:
-    """Wait until `path` holds a checkpoint of at least `step` steps; return its step."""
+def wait_for_checkpoint(path: Path, proc, step: int, timeout: float = 300, stop: bool = False) -> int:
+    """Wait until `path` holds a checkpoint of at least `step` steps; return its step. With `stop`,
+    the process is left stopped (SIGSTOP) from the moment the checkpoint was seen, so that a short
+    run cannot finish between the look and the caller's signal."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if path.exists():
+            if stop:
+                proc.send_signal(signal.SIGSTOP)
             try:
                 saved = torch.load(path, weights_only=True)["global_step"]
             except Exception:  # never expected: checkpoints appear whole (write, then rename)
                 raise AssertionError(f"{path} is not a whole checkpoint")
             if saved >= step:
                 return saved
-        time.sleep(0.2)
+            if stop:
+                proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
     raise AssertionError(f"no checkpoint of step {step} in {path}")
 
 
@@ -79,7 +85,7 @@ def test_killed_training_resumes_exactly_where_it_was(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--run-dir", str(killed)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed / "checkpoints" / "size_spn" / "last.ckpt"
-    step = wait_for_checkpoint(last, proc, 4)
+    step = wait_for_checkpoint(last, proc, 4, stop=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (killed / "checkpoints" / "size_spn.ckpt").exists()  # written only when a stage finishes
@@ -101,7 +107,7 @@ def test_ctrl_c_stops_training_with_one_line_and_it_resumes(tmp_path):
     step = wait_for_checkpoint(last, proc, 2)
     proc.send_signal(signal.SIGINT)  # Ctrl+C
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "make the same target again to resume" in err
+    assert proc.returncode == 130 and "make the same target again to resume" in err, err[-2000:]
     step = torch.load(last, weights_only=True)["global_step"]
     resumed = run_pipeline(*args, f"--trainer.max_steps={step + 4}")
     assert resumed.returncode == 0, resumed.stderr
