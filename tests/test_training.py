@@ -99,24 +99,17 @@ def test_killed_training_resumes_exactly_where_it_was(tmp_path):
     assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
 
 
-@pytest.mark.xfail(strict=False, reason="open defect: in full fresh-clone runs a Ctrl+C is sometimes swallowed "
-                   "or ends with status 2 (passes when run alone); fix: a SIGINT handler that sets should_stop")
 def test_ctrl_c_stops_training_with_one_line_and_it_resumes(tmp_path):
     args = ["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice"]
+    # Ctrl+C as in a terminal: a suite started in the background (nohup, `cmd &` without job control)
+    # hands its children SIGINT ignored, and a process that inherits that rightly ignores Ctrl+C
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--trainer.max_steps=100000"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     last = tmp_path / "checkpoints" / "first_slice" / "last.ckpt"
     step = wait_for_checkpoint(last, proc, 2)
-    for _ in range(3):  # Ctrl+C; again if the first one was swallowed (seen once in a full CI run)
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=40)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    else:
-        proc.kill()
-        _, err = proc.communicate()
+    proc.send_signal(signal.SIGINT)  # Ctrl+C
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "make the same target again to resume" in err, err[-2000:]
     step = torch.load(last, weights_only=True)["global_step"]
     resumed = run_pipeline(*args, f"--trainer.max_steps={step + 4}")
