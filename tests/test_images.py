@@ -131,3 +131,12 @@ def test_inputs_of_deepen_are_read_by_the_same_reader(tmp_path):
         kept = np.load(tmp_path / "run" / "deepen" / "samples.npz")["images"][..., 0] >> 6
         expected = [0, 0, 1, 1, 2, 2, 3, 3] if name == "ramp16.png" else [3] * 8  # 200 >> 6 == 3
         assert (kept[:, 0] == expected).all(), name
+
+
+def test_an_empty_or_missing_input_is_a_clear_error(tmp_path):
+    from pipeline.io import read_images
+
+    with pytest.raises(ValueError, match="no input given"):  # `make upscale` without INPUT: not the cwd
+        read_images("", 1)
+    with pytest.raises(FileNotFoundError, match="a folder of images, or an .npz"):
+        read_images(tmp_path / "nope", 1)
