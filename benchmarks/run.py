@@ -8,7 +8,8 @@ bench/results.json and bench/results.md.
 Parts: memory and time per training step against image size and S; sampling speed;
 quality at equal training minutes against a single full-image transformer and ordinary
 codecs; the cascade trained there as a codec (real size, encode and decode speed); training
-throughput and the fraction of the machine's matmul peak it reaches; and the figures of `python -m benchmarks.gpu` when they were measured on a GPU.
+throughput and the fraction of the machine's matmul peak it reaches; and the figures of
+`python -m benchmarks.gpu` when they were measured on a GPU.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ import time
 import torch
 
 from pipeline.cascade import Cascade
-from pipeline.config import load_experiment, stage_names
-from stages import GEOMETRY, STAGES, FirstSliceDecoder
+from pipeline.config import data_geometry, load_experiment, stage_names
+from stages import STAGES, FirstSliceDecoder
 
 
 def timed(fn, repeat: int = 1):
@@ -32,7 +32,7 @@ def timed(fn, repeat: int = 1):
 def cascade_of(experiment: str, shrink: bool = False) -> Cascade:
     """The experiment's cascade at its configured sizes, with fresh random weights."""
     config = load_experiment(experiment)
-    geometry = {key: config["data"][key] for key in GEOMETRY}
+    geometry = data_geometry(config)
     torch.manual_seed(0)
     stages = {}
     for name in stage_names(config):

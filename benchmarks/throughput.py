@@ -15,8 +15,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.datamodule import SubscaleDataModule
-from pipeline.config import load_experiment, stage_names
-from stages import GEOMETRY, STAGES
+from pipeline.config import data_geometry, load_experiment, stage_names
+from stages import STAGES
 
 
 def matmul_peak(size: int = 2048, repeat: int = 8, device: str = "cpu", dtype=torch.float32) -> float:
@@ -57,7 +57,7 @@ def measure_stages(experiment: str, steps: int, batch_size: int | None = None, s
     data = SubscaleDataModule(**data_settings)
     data.prepare_data()
     batch = next(iter(data.train_dataloader()))
-    geometry = {key: config["data"][key] for key in GEOMETRY}
+    geometry = data_geometry(config)
     size = batch["image"].shape[0]
     rows = []
     for name in stage_names(config):

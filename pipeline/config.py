@@ -61,18 +61,19 @@ def load_experiment(name: str | None = None) -> dict:
     for key in ("data", "stages"):
         if not isinstance(experiment.get(key), dict):
             raise ConfigError(f"experiment {path} has no '{key}' section; see conf/experiments/smoke.yaml")
-    experiment["data"] = {**geometry_defaults(), **experiment["data"]}
     return experiment
 
 
-def geometry_defaults() -> dict:
-    """SubscaleDataModule's defaults of the geometry settings: what a data section may leave out."""
+def data_geometry(experiment: dict) -> dict:
+    """The geometry the stages are trained with (image_size, channels, bits, high_bits, S): the data
+    section's, with SubscaleDataModule's defaults for what it leaves out, as training sees it.
+    (Imports the data module: not for `load_experiment`, which every `make` call runs at start-up.)"""
     from data.datamodule import SubscaleDataModule
     from stages import GEOMETRY
 
     parameters = inspect.signature(SubscaleDataModule.__init__).parameters
-    return {key: parameters[key].default for key in GEOMETRY
-            if key in parameters and parameters[key].default is not inspect.Parameter.empty}
+    data = experiment["data"]
+    return {key: data[key] if key in data else parameters[key].default for key in GEOMETRY}
 
 
 def stage_names(experiment: dict) -> list[str]:

@@ -102,7 +102,8 @@ def read_images(path: str | Path, channels: int, background: str = "white") -> n
         raise ValueError("no input given: INPUT=<an image, a folder of images, or an .npz with 'images'>")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no file or folder {path}: give an image, a folder of images, or an .npz with 'images'")
+        raise FileNotFoundError(f"no file or folder {path}: give an image, a folder of images, "
+                                f"or an .npz with 'images'")
     if path.is_dir():
         images = [read_image(f, channels, background) for f in image_files(path)]
         if len({im.shape for im in images}) > 1:

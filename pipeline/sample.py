@@ -19,7 +19,7 @@ import torch
 
 from data.transforms import quantize, split_depth, to_slices
 from pipeline.cascade import Cascade
-from pipeline.config import load_experiment, stage_names
+from pipeline.config import data_geometry, load_experiment, stage_names
 from pipeline.io import check_shape, folder_at_once, read_image, save_gif, save_npz, save_png
 from pipeline.pictures import image_grid, to_8bit, upsample_nearest
 from pipeline.tracking import log_job
@@ -29,7 +29,7 @@ def load_cascade(args) -> tuple[dict, Cascade]:
     """The experiment's config and its trained cascade; raises ValueError when they disagree on the
     geometry, FileNotFoundError when a stage is not trained."""
     experiment = load_experiment(args.exp)
-    return experiment, Cascade.load(args.run_dir, stage_names(experiment), expected=experiment["data"])
+    return experiment, Cascade.load(args.run_dir, stage_names(experiment), expected=data_geometry(experiment))
 
 
 def check_sampling_settings(n: int, batch: int, temperature: float) -> None:

@@ -114,7 +114,7 @@ class ResidualConv(nn.Module):
 
 
 class ConditioningNetwork(nn.Module):
-    """The context of target slice k (paper, section 3.2): the known slices stacked along channels
+    """The context of target slice k (the paper's conditioning network): the known slices stacked along channels
     at slice resolution (B, in_channels, h, w) and the meta-position k (B,) -> one feature vector
     per pixel of the slice (B, h*w, width), in raster order. A 3x3 stem, residual convolutions
     (each sees a neighbourhood of S x S blocks of the full image), then unmasked self-attention."""
@@ -139,11 +139,11 @@ class ConditioningNetwork(nn.Module):
 
 
 class SliceDecoder(nn.Module):
-    """Autoregressive model of the T = h*w*C sub-pixels of one slice (paper, section 3.2): a causal
+    """Autoregressive model of the T = h*w*C sub-pixels of one slice (the paper's slice decoder): a causal
     transformer whose input at position t is the value at t-1 (a start token at t = 0), a learnt
     position and the context of t's own pixel; its output at t is the logits of sub-pixel t's
-    categorical distribution over 2**bits values. Incremental decoding: `step`
-    (simple, the reference) and `IncrementalDecoder` (fast); `sample` draws a whole slice."""
+    categorical distribution over 2**bits values. Incremental decoding: `step` (simple, the
+    reference) and `IncrementalDecoder` (fewer operations per step); `sample` draws a whole slice."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()

@@ -45,8 +45,8 @@ def scaled(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 class SubscaleStage(L.LightningModule):
     """One stage of the cascade: a `SliceDecoder` (and, for the SPNs, a `ConditioningNetwork`) over
-    the slices the stage models, trained with the paper's Monte-Carlo estimator (section 3.3)
-    and validated on the exact NLL of all its slices (`val/bpd`: its share of the whole image's
+    the slices the stage models, trained with the paper's Monte-Carlo estimator (one random target
+    slice per example) and validated on the exact NLL of all its slices (`val/bpd`: its share of the whole image's
     bits/dim). Geometry: image_size (H or [H, W]), channels C, bits n, high_bits b, subscale S;
     raises ValueError for settings that do not fit together or do not suit the stage."""
 

@@ -168,10 +168,10 @@ def test_interrupted_sampling_leaves_the_previous_outputs_whole(tmp_path, monkey
 
 def test_a_data_section_may_leave_the_geometry_to_the_data_modules_defaults(tmp_path):
     """Training takes SubscaleDataModule's defaults; sampling and evaluation must see the same ones."""
-    from pipeline.config import load_experiment
+    from pipeline.config import data_geometry, load_experiment
 
     (tmp_path / "short.yaml").write_text(yaml.safe_dump(
         {"data": {"source": {"kind": "fashion_mnist"}, "image_size": 28}, "stages": {"first_slice": {}}}))
-    data = load_experiment(str(tmp_path / "short.yaml"))["data"]
+    data = data_geometry(load_experiment(str(tmp_path / "short.yaml")))
     assert {k: data[k] for k in ("channels", "bits", "high_bits", "subscale")} == dict(
         channels=1, bits=8, high_bits=8, subscale=1)
