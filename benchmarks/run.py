@@ -64,7 +64,8 @@ def markdown(results: dict) -> str:
     out.append(table(["cascade", "image", "sampler", "batch", "s per image", "sub-pixels/s"], rows))
     for c in s["cascades"]:
         out.append(f"\n{c['experiment']}: fast sampler vs the reference at batch 16: "
-                   f"**{c['fast_vs_reference_at_16']:.2f}x**, identical images {c['identical_images']}, "
+                   f"**{c['fast_vs_reference_at_16']:.2f}x**, at batch 1: {c['fast_vs_reference_at_1']:.2f}x; "
+                   f"identical images {c['identical_images']}, "
                    f"log-probabilities within {c['max_log_prob_difference_nats']:.1e} nats.")
     out.append(f"\nThe default cascade (fast sampler) against the previous default (S = 4, b = 6, width 128; the "
                f"reference sampler it shipped with), batch 16: **{s['default_vs_previous_default_at_16']:.1f}x** "

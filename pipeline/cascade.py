@@ -108,7 +108,7 @@ class Cascade:
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None,
                known: dict | None = None, fixed_msb=(), fixed_lsb=(), frames: bool = False, progress: bool = False,
-               method: str = "cached"):
+               method: str = "fast"):
         """Draw n images, slice by slice in the cascade's order, skipping the given slices (`known`:
         {"msb"|"lsb": (n, S*S, h, w, C) n-bit slices}, of which `fixed_msb`/`fixed_lsb` are kept).
 

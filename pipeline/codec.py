@@ -39,7 +39,7 @@ from pipeline.progress import progress_bar
 from stages.networks import IncrementalDecoder, log_probs
 
 MAGIC = b"SPNC"
-VERSION = 1
+VERSION = 2  # 2: IncrementalDecoder computes in another order (bmm attention), so its floats differ from 1's
 HEAD = struct.Struct("<4sBHHBBBBIH")
 CHUNK = 16  # images coded together (stored in the file; the decoder follows the file)
 

@@ -150,7 +150,7 @@ class SubscaleStage(L.LightningModule):
 
     @torch.no_grad()
     def sample_slice(self, known: dict, k: int, temperature: float = 1.0, generator=None, progress=None,
-                     method: str = "cached", noise: torch.Tensor | None = None):
+                     method: str = "fast", noise: torch.Tensor | None = None):
         """Draw slice k given `known`; returns values (B, h, w, C) and their log-prob (B,) at temperature 1.
         The noise: `noise` (B, T) uniforms, or drawn from `generator`; `method`: see `SliceDecoder.sample`."""
         batch = known["msb"].shape[0]

@@ -158,7 +158,7 @@ def test_missing_fashion_mnist_is_installed_with_apt(tmp_path, monkeypatch):
     script = bin_dir / "apt-get"
     script.write_text(f"""#!{sys.executable}
 import sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
+sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(ROOT)!r}]  # the tests and the project, installed or not
 from test_data import fake_idx
 from pathlib import Path
 open({str(tmp_path / 'calls')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')
