@@ -67,10 +67,11 @@ def on_cpu(cascade):
 
 
 def valid_names(names) -> bool:
-    """Names stored in a file become file names: plain names only, never a path."""
+    """Names stored in a file become file names (`<name>.png`): plain names only, never a path, no
+    NUL, and short enough for a file system (255 bytes with the suffix)."""
     return isinstance(names, list) and all(
-        isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-        for name in names)
+        isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+        and len(name.encode("utf-8", "surrogatepass")) <= 250 for name in names)
 
 
 @contextmanager
@@ -231,6 +232,7 @@ def decompress(cascade, data: bytes, progress: bool = False) -> tuple[torch.Tens
             bar.update(real)
     bar.close()
     if image_digest(out) != header["images_digest"]:
-        raise CodecError("the decoded images do not match the file's digest: the probabilities came out "
-                         "differently here (another CPU kind or library version than the one that compressed)")
+        raise CodecError("the decoded images do not match the file's digest: the file was altered after "
+                         "compression, or the probabilities came out differently here (another CPU kind or "
+                         "library version than the one that compressed)")
     return out, header["names"]

@@ -20,6 +20,8 @@ def compress_command(args) -> None:
         raise ValueError("no input given: INPUT=<an image, a folder of images, or an .npz with 'images'>")
     if not args.out:
         raise ValueError("give OUT=<file> to write the compressed images to")
+    if Path(args.out).exists():
+        raise ValueError(f"OUT={args.out} exists: give a new file name (nothing is overwritten)")
     experiment, cascade = load_cascade(args)
     images8 = read_images(args.input, cascade.C, experiment["data"].get("background", "white"))
     check_shape(images8, cascade.shape, f"INPUT {args.input}")
@@ -40,11 +42,13 @@ def compress_command(args) -> None:
 
 
 def decompress_command(args) -> None:
-    if not args.out:
-        raise ValueError("give OUT=<folder or .npz> to write the images to")
+    if not args.input:
+        raise ValueError("no input given: INPUT=<a file written by make compress>")
     path = Path(args.input)
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}: give INPUT=<a file written by make compress>")
+    if not args.out:
+        raise ValueError("give OUT=<folder or .npz> to write the images to")
     out = Path(args.out)
     if out.exists() and (out.suffix == ".npz" or not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"OUT={out} exists: give a new file or folder name (nothing is overwritten)")

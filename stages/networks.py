@@ -75,13 +75,16 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, causal: bool, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        mask = None
         if cache is not None:  # x holds positions pos .. pos+t-1; attend to everything cached so far
             end = pos + x.shape[1]
             cache.keys[layer][:, :, pos:end] = k
             cache.values[layer][:, :, pos:end] = v
             k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
-            causal = causal and x.shape[1] > 1
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+            if causal and pos > 0 and x.shape[1] > 1:  # query i is position pos + i: it sees keys <= pos + i
+                mask = torch.ones(x.shape[1], end, dtype=torch.bool, device=x.device).tril(pos)
+            causal = causal and pos == 0 and x.shape[1] > 1  # is_causal aligns query 0 with key 0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 

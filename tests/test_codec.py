@@ -12,6 +12,8 @@ from conftest import make_stages, save_cascade
 from pipeline.__main__ import main as cli
 from pipeline.cascade import Cascade
 from pipeline.codec import VERSION, CodecError, compress, decompress, read_header
+from pipeline.io import save_npz
+from pipeline.pictures import to_8bit
 from test_evaluate import experiment_file
 
 GEOMETRIES = [dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2),   # smoke: all three stages
@@ -134,8 +136,9 @@ def test_names_in_a_file_are_plain_file_names(monkeypatch):
 
     cascade = Cascade(make_stages(**GEOMETRIES[0]))
     images = cascade.sample(2, generator=torch.Generator().manual_seed(4))[0]
-    with pytest.raises(ValueError, match="plain file name"):
-        compress(cascade, images, names=["a", "../b"])
+    for bad in ("../b", "a\0b", "x" * 251):  # a path, a NUL, longer than a file name may be
+        with pytest.raises(ValueError, match="plain file name"):
+            compress(cascade, images, names=["a", bad])
     monkeypatch.setattr(codec, "valid_names", lambda names: True)  # a file made elsewhere, with a valid CRC
     crafted = compress(cascade, images, names=["a", "../b"])
     monkeypatch.undo()
@@ -143,16 +146,20 @@ def test_names_in_a_file_are_plain_file_names(monkeypatch):
         decompress(cascade, crafted)
 
 
-def test_decompress_never_overwrites_and_compress_wants_input(tmp_path, capsys):
+def test_neither_command_overwrites_and_both_want_input(tmp_path, capsys):
     geometry = GEOMETRIES[0]
     save_cascade(make_stages(**geometry), tmp_path / "run")
     run = ["--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run")]
     cascade = Cascade.load(tmp_path / "run", ["first_slice", "size_spn", "depth_spn"], device="cpu")
     (tmp_path / "x.spn").write_bytes(compress(cascade, cascade.sample(2, generator=torch.Generator())[0]))
-    for existing in ("old.npz", "old.txt"):
+    save_npz(tmp_path / "in.npz", images=to_8bit(cascade.sample(2, generator=torch.Generator())[0], 8).numpy())
+    for existing in ("old.npz", "old.txt", "old.png"):
         (tmp_path / existing).write_bytes(b"keep me")
         code = cli(["decompress", *run, "--input", str(tmp_path / "x.spn"), "--out", str(tmp_path / existing)])
         assert code == 2 and "exists" in capsys.readouterr().err
+        code = cli(["compress", *run, "--input", str(tmp_path / "in.npz"), "--out", str(tmp_path / existing)])
+        assert code == 2 and "exists" in capsys.readouterr().err
         assert (tmp_path / existing).read_bytes() == b"keep me"
-    code = cli(["compress", *run, "--input", "", "--out", ""])  # INPUT is asked for first
-    assert code == 2 and "no input given" in capsys.readouterr().err
+    for command in ("compress", "decompress"):  # INPUT is asked for first
+        code = cli([command, *run, "--input", "", "--out", ""])
+        assert code == 2 and "no input given" in capsys.readouterr().err

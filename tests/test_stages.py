@@ -115,6 +115,20 @@ def test_each_subpixel_is_conditioned_on_its_own_pixels_context(channels):
                 assert not torch.allclose(after[:, t], base[:, t], atol=1e-4), (pixel, t)
 
 
+def test_cached_attention_in_chunks_matches_one_causal_pass():
+    """Positions fed to the key/value cache several at a time after a prefix see exactly the keys
+    at or before their own position, as in one causal pass over the whole sequence."""
+    from stages.networks import KVCache, SelfAttention
+
+    torch.manual_seed(0)
+    attention = SelfAttention(width=8, heads=2).eval()
+    x = torch.randn(2, 9, 8)
+    whole = attention(x, causal=True)
+    cache = KVCache(1, 2, 2, 9, 4, "cpu", torch.float32)
+    chunks = [attention(x[:, a:b], True, cache, 0, a) for a, b in ((0, 3), (3, 4), (4, 9))]
+    assert torch.allclose(torch.cat(chunks, dim=1), whole, atol=1e-6)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_cached_decoding_matches_the_full_forward_pass(channels):
     stage = make_stages(channels=channels, subscale=2)["size_spn"]
