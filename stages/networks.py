@@ -250,8 +250,8 @@ def inverse_cdf(log_p: torch.Tensor, uniform: torch.Tensor, temperature: float =
 
 
 class IncrementalDecoder:
-    """Cached decoding of one slice with as few tensor operations per step as the arithmetic needs
-    (`make bench`, sampling: the step is bound by per-operation overhead on a CPU, not by FLOPs).
+    """Cached decoding of one slice in few tensor operations per step (`make bench`, sampling: on a
+    CPU the step is bound by the fixed cost of each operation, not by its arithmetic).
 
     Set up once per slice: the input terms of every position (position + context) summed; each
     layer's weights transposed for `torch.addmm`, the query rows pre-scaled by head_dim**-0.5 and
