@@ -16,6 +16,7 @@ from data.transforms import from_slices, merge_depth, split_depth, to_slices
 from stages import GEOMETRY, geometry
 from pipeline.checkpoints import load_stage
 from pipeline.pictures import partial_image
+from pipeline.processes import in_processes, worker_count
 from pipeline.progress import progress_bar
 from stages.metrics import bits_per_dim
 
@@ -108,7 +109,7 @@ class Cascade:
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None,
                known: dict | None = None, fixed_msb=(), fixed_lsb=(), frames: bool = False, progress: bool = False,
-               method: str = "fast"):
+               method: str = "fast", workers: int | None = None):
         """Draw n images, slice by slice in the cascade's order, skipping the given slices (`known`:
         {"msb"|"lsb": (n, S*S, h, w, C) n-bit slices}, of which `fixed_msb`/`fixed_lsb` are kept).
 
@@ -117,29 +118,47 @@ class Cascade:
         `frames`, pictures of the image growing, one per slice: 8-bit (n, H, W, C) each.
         `method` is the decoding of each slice (see `SliceDecoder.sample`). Each image draws its noise
         from a generator of its own, seeded by the next number of `generator`: the i-th image drawn
-        from a generator is the same however the images are split into batches.
+        from a generator is the same however the images are split into batches. On a CPU the images
+        are split between `workers` forked processes (`pipeline.processes`; by default one per thread
+        torch may use, at most n; 1 keeps it in this process).
         """
         shape = (n, self.S**2, self.h, self.w, self.C)
         known = known or {}
         known = {part: known[part].to(self.device, torch.long, copy=True) if part in known  # never the caller's
                  else torch.zeros(shape, dtype=torch.long, device=self.device) for part in ("msb", "lsb")}
-        log_prob = torch.zeros(n, device=self.device)
         seeds = torch.randint(2**62, (n,), generator=generator, device=generator.device if generator else "cpu")
+        steps = len(self.plan(fixed_msb, fixed_lsb)) * self.h * self.w * self.C * n
+        bar = progress_bar(steps, "sampling", "sub-pixel", disable=not progress)
+        shares = torch.arange(n).tensor_split(worker_count(n, self.device, workers))  # the images of each process
+
+        def share(i, progress):
+            part = {name: slices[shares[i]] for name, slices in known.items()}
+            return self.draw(seeds[shares[i]], part, fixed_msb, fixed_lsb, frames, temperature, method, progress)
+
+        drawn = in_processes(share, len(shares), bar)
+        out = (torch.cat([images for images, _, _ in drawn]), torch.cat([log_prob for _, log_prob, _ in drawn]),
+               [torch.cat(frame) for frame in zip(*(pictures for _, _, pictures in drawn))])
+        bar.close()
+        return out
+
+    def draw(self, seeds: torch.Tensor, known: dict, fixed_msb, fixed_lsb, frames: bool, temperature: float,
+             method: str, progress):
+        """`sample` in this process: the images whose noise generators are seeded by `seeds` (n,), given
+        `known` (filled in place); progress counts sub-pixels drawn."""
+        n = len(seeds)
+        log_prob = torch.zeros(n, device=self.device)
         streams = [torch.Generator().manual_seed(int(seed)) for seed in seeds]  # one per image
-        steps = self.plan(fixed_msb, fixed_lsb)
         done = {"msb": set(fixed_msb), "lsb": set(fixed_lsb)}
         pictures = [self.picture(known, done)] if frames else []
-        bar = progress_bar(len(steps) * self.h * self.w * self.C, "sampling", "sub-pixel", disable=not progress)
-        for stage, part, k in steps:
-            bar.set_description(f"{stage} slice {k}")
+        for stage, part, k in self.plan(fixed_msb, fixed_lsb):
+            progress.set_description(f"{stage} slice {k}")
             noise = torch.stack([torch.rand(self.h * self.w * self.C, generator=g) for g in streams])  # (n, T)
-            values, lp = self.stages[stage].sample_slice(known, k, temperature, None, bar, method, noise)
+            values, lp = self.stages[stage].sample_slice(known, k, temperature, None, progress, method, noise)
             known[part][:, k] = values
             log_prob += lp
             done[part].add(k)
             if frames:
                 pictures.append(self.picture(known, done))
-        bar.close()
         images = merge_depth(from_slices(known["msb"], self.S), from_slices(known["lsb"], self.S),
                              self.bits, self.high_bits)
         return images, log_prob, pictures

@@ -11,8 +11,10 @@ through one function, `code_chunk`: the cached decoding step (`IncrementalDecode
 true values on the encoder's side and the decoded ones on the decoder's side, on chunks of
 `chunk` images whose size is stored in the file (the last chunk padded with zero images that
 are computed but not coded), on one intra-op thread. The batch size and thread count of the
-caller therefore play no part. A float computation can still differ between CPU kinds or
-library versions; the decoder then notices it from the checksum of the images and refuses.
+caller therefore play no part. The chunks are independent, so both sides code them in forked
+processes side by side (`pipeline.processes`), one thread each. A float computation can still
+differ between CPU kinds or library versions; the decoder then notices it from the checksum of
+the images and refuses.
 
 Container (all integers little-endian):
 
@@ -35,6 +37,7 @@ import torch
 
 from data.transforms import from_sequence, from_slices, merge_depth, to_sequence
 from pipeline.checkpoints import weights_digest
+from pipeline.processes import in_processes, worker_count
 from pipeline.progress import progress_bar
 from stages.networks import IncrementalDecoder, log_probs
 
@@ -145,17 +148,23 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
     if names and (len(names) != len(images) or not valid_names(list(names))):
         raise ValueError("names must be one plain file name (no folder) per image")
     n = len(images)
-    streams = []
+    shares = np.array_split(np.arange(0, n, CHUNK), worker_count(-(-n // CHUNK), "cpu"))  # chunk starts
+
+    def encode(i, progress) -> list[bytes]:
+        streams = []
+        with one_thread():
+            for start in shares[i]:
+                real = min(CHUNK, n - start)
+                chunk = torch.zeros((CHUNK, *cascade.shape), dtype=torch.long)
+                chunk[:real] = images[start:start + real]
+                coder = constriction.stream.queue.RangeEncoder()
+                code_chunk(cascade, chunk, real, coder, encode=True)
+                streams.append(coder.get_compressed().astype("<u4").tobytes())
+                progress.update(real)
+        return streams
+
     bar = progress_bar(n, "compressing", "image", disable=not progress)
-    with one_thread():
-        for start in range(0, n, CHUNK):
-            real = min(CHUNK, n - start)
-            chunk = torch.zeros((CHUNK, *cascade.shape), dtype=torch.long)
-            chunk[:real] = images[start:start + real]
-            coder = constriction.stream.queue.RangeEncoder()
-            code_chunk(cascade, chunk, real, coder, encode=True)
-            streams.append(coder.get_compressed().astype("<u4").tobytes())
-            bar.update(real)
+    streams = [stream for share in in_processes(encode, len(shares), bar) for stream in share]
     bar.close()
     names_blob = zlib.compress(json.dumps(list(names or [])).encode())
     body = b"".join([
@@ -219,17 +228,25 @@ def decompress(cascade, data: bytes, progress: bool = False) -> tuple[torch.Tens
     cascade = on_cpu(cascade)
     header = read_header(data, cascade)
     n, pos = header["n"], header["start"]
-    out = torch.zeros((n, *cascade.shape), dtype=torch.long)
+    streams = []  # (first image, the chunk's words)
+    for index, start in enumerate(range(0, n, CHUNK)):
+        words = header["counts"][index]
+        streams.append((start, np.frombuffer(data, dtype="<u4", count=words, offset=pos).astype(np.uint32)))
+        pos += 4 * words
+    shares = np.array_split(np.arange(len(streams)), worker_count(len(streams), "cpu"))
+
+    def decode(i, progress) -> torch.Tensor:
+        images = []
+        with one_thread():
+            for start, stream in (streams[index] for index in shares[i]):
+                real = min(CHUNK, n - start)
+                coder = constriction.stream.queue.RangeDecoder(stream)
+                images.append(code_chunk(cascade, None, real, coder, encode=False)[:real])
+                progress.update(real)
+        return torch.cat(images) if images else torch.zeros((0, *cascade.shape), dtype=torch.long)
+
     bar = progress_bar(n, "decompressing", "image", disable=not progress)
-    with one_thread():
-        for index, start in enumerate(range(0, n, CHUNK)):
-            words = header["counts"][index]
-            stream = np.frombuffer(data, dtype="<u4", count=words, offset=pos).astype(np.uint32)
-            pos += 4 * words
-            real = min(CHUNK, n - start)
-            decoded = code_chunk(cascade, None, real, constriction.stream.queue.RangeDecoder(stream), encode=False)
-            out[start:start + real] = decoded[:real]
-            bar.update(real)
+    out = torch.cat(in_processes(decode, len(shares), bar))
     bar.close()
     if image_digest(out) != header["images_digest"]:
         raise CodecError("the decoded images do not match the file's digest: the file was altered after "

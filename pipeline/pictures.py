@@ -19,7 +19,7 @@ def partial_image(known: dict, done: dict, subscale: int, bits: int, high_bits: 
     msb = known["msb"].clone()
     missing = [k for k in range(subscale**2) if k not in done["msb"]]
     if missing and 0 in done["msb"]:
-        msb[:, missing] = msb[:, :1]
+        msb[:, missing] = msb[:, :1].clone()  # of one image, the source and target views overlap
     lsb = known["lsb"].clone()
     lsb[:, [k for k in range(subscale**2) if k not in done["lsb"]]] = 0
     x = merge_depth(from_slices(msb, subscale), from_slices(lsb, subscale), bits, high_bits)

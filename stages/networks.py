@@ -233,7 +233,7 @@ class SliceDecoder(nn.Module):
             values[:, t] = previous
             log_prob += log_p.gather(1, previous[:, None])[:, 0]
             if progress is not None:
-                progress.update(1)
+                progress.update(batch)  # sub-pixels drawn
         return values, log_prob
 
 

@@ -66,15 +66,17 @@ def test_same_seed_same_images():
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
-def test_super_resolution_keeps_slice_zero():
+@pytest.mark.parametrize("n", [3, 1])  # one image: its growth pictures once failed (overlapping views)
+def test_super_resolution_keeps_slice_zero(n):
     cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))
-    low = torch.randint(0, 16, (3, 4, 4, 1))
+    low = torch.randint(0, 16, (n, 4, 4, 1))
     m0, l0 = split_depth(low, 4, 2)
-    known = {"msb": torch.zeros(3, 4, 4, 4, 1, dtype=torch.long), "lsb": torch.zeros(3, 4, 4, 4, 1, dtype=torch.long)}
+    known = {"msb": torch.zeros(n, 4, 4, 4, 1, dtype=torch.long), "lsb": torch.zeros(n, 4, 4, 4, 1, dtype=torch.long)}
     known["msb"][:, 0], known["lsb"][:, 0] = m0, l0
-    images, _, frames = cascade.sample(3, known=known, fixed_msb=[0], fixed_lsb=[0], frames=True)
+    images, _, frames = cascade.sample(n, known=known, fixed_msb=[0], fixed_lsb=[0], frames=True)
     assert torch.equal(to_slices(images, 2)[:, 0], low)
     assert len(frames) == 1 + 3 + 3  # start, size slices 1..3, depth slices 1..3
+    assert all(frame.shape == (n, 8, 8, 1) for frame in frames)
 
 
 def test_bit_depth_expansion_keeps_the_high_bits():
@@ -109,3 +111,19 @@ def test_an_image_does_not_depend_on_the_batch_it_was_drawn_in():
     generator = torch.Generator().manual_seed(4)
     apart = torch.cat([cascade.sample(size, generator=generator)[0] for size in (2, 1, 2)])
     assert torch.equal(together, apart)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_an_image_does_not_depend_on_how_many_processes_draw_it(conditional):
+    cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))
+    known, fixed = None, ()
+    if conditional:  # super-resolution: slice 0 given, a different one per image
+        known = {"msb": torch.randint(0, 4, (5, 4, 4, 4, 1)), "lsb": torch.randint(0, 4, (5, 4, 4, 4, 1))}
+        fixed = [0]
+    draws = [cascade.sample(5, generator=torch.Generator().manual_seed(3), known=known, fixed_msb=fixed,
+                            fixed_lsb=fixed, frames=True, workers=workers) for workers in (1, 2, 3)]
+    alone, *split = draws
+    for images, log_prob, frames in split:
+        assert torch.equal(images, alone[0])
+        assert torch.allclose(log_prob, alone[1], atol=1e-4, rtol=0)
+        assert len(frames) == len(alone[2]) and all(torch.equal(a, b) for a, b in zip(frames, alone[2]))

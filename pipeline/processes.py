@@ -1,0 +1,110 @@
+"""Independent work split between forked CPU processes (`Cascade.sample`, the codec's chunks).
+
+On a CPU, cached decoding of small images is a long chain of small tensor operations: at
+batch 16 a step of the default model is about 100 of them, of 1 to 10 microseconds each.
+Intra-op threads pay little at these sizes, so one process keeps about one core busy. The
+images are independent given their noise, so `in_processes` hands each of W forked processes
+a share of them and runs the shares side by side, one thread each. The codec's chunks of
+images are independent too, and it computes on one thread anyway (`pipeline.codec`).
+
+Forked children inherit the model without copying it. Their results come back as
+`torch.save` bytes: torch's own sharing of tensors between processes (file descriptors in
+/dev/shm) is not needed for a few kilobytes, and was seen to stall here.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import pickle
+import queue
+import signal
+import warnings
+
+import torch
+
+def worker_count(n: int, device, requested: int | None = None) -> int:
+    """How many processes to split n independent items between: `requested` (by default one per
+    thread torch may use, `torch.get_num_threads()`, which OMP_NUM_THREADS sets), at most n; always
+    1 on a GPU, where fork is missing (macOS and Windows start processes otherwise), or inside a
+    daemon process (a DataLoader or pool worker, which may not start processes)."""
+    if (torch.device(device).type != "cpu" or "fork" not in multiprocessing.get_all_start_methods()
+            or multiprocessing.current_process().daemon):
+        return 1
+    return max(1, min(n, torch.get_num_threads() if requested is None else requested))
+
+
+def in_processes(job, parts: int, progress) -> list:
+    """[job(i, counter) for i in range(parts)], each call in a forked process of its own, side by side
+    (parts = 1: job(0, progress) in this process).
+
+    `job` returns tensors or bytes (alone or in tuples, lists, dicts); `counter.update(k)` in a child
+    adds k to `progress`, a tqdm-like bar of this process. The children share torch's threads
+    (`torch.get_num_threads() // parts`, at least 1 each) and ignore Ctrl+C: this process stops on
+    it and ends them. An exception in a child is raised here; a child that dies without a result
+    (killed) raises RuntimeError. Forking costs more the more memory this process holds (its page
+    tables are copied): tens of milliseconds for a model loaded to sample, tenths of a second for
+    gigabytes.
+    """
+    if parts == 1:
+        return [job(0, progress)]
+    context = multiprocessing.get_context("fork")
+    done, results = context.Value("q", 0), context.Queue()
+    threads = max(1, torch.get_num_threads() // parts)
+    children = [context.Process(target=_child, args=(job, i, done, threads, results), daemon=True)
+                for i in range(parts)]
+    try:
+        with warnings.catch_warnings():  # Python >= 3.12 warns of fork in a process with threads (torch's);
+            # the children only run torch with threads of their own, as a DataLoader's workers do
+            warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
+            for child in children:
+                child.start()
+        shares = {}
+        while len(shares) < parts:
+            try:
+                i, error, share = results.get(timeout=0.1)
+            except queue.Empty:
+                dead = [child.exitcode for child in children if child.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a worker process died (exit code {dead[0]}), out of memory perhaps")
+            else:
+                if error is not None:
+                    raise error
+                shares[i] = torch.load(io.BytesIO(share), weights_only=True)
+            progress.update(done.value - progress.n)
+        return [shares[i] for i in range(parts)]
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+            if child.pid is not None:
+                child.join()
+
+
+class _Counter:
+    """The part of a progress bar's interface the samplers use, counting into a shared integer."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def update(self, n: int = 1) -> None:
+        with self.value.get_lock():
+            self.value.value += n
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+
+def _child(job, i: int, done, threads: int, results) -> None:
+    """Runs in a forked process: job(i), its result (torch.save bytes) or its exception put on `results`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    try:
+        buffer = io.BytesIO()
+        torch.save(job(i, _Counter(done)), buffer)
+        results.put((i, None, buffer.getvalue()))
+    except Exception as error:  # noqa: BLE001 - handed to the parent, which raises it
+        try:
+            pickle.dumps(error)
+        except Exception:  # noqa: BLE001
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        results.put((i, error, None))

@@ -1,0 +1,65 @@
+"""Work split between forked CPU processes (`pipeline.processes`, used by `Cascade.sample`)."""
+import io
+import multiprocessing
+
+import pytest
+import torch
+
+from pipeline.processes import in_processes, worker_count
+from pipeline.progress import PlainBar, progress_bar
+
+
+def test_how_many_processes_sample():
+    assert worker_count(1, "cpu") == 1
+    assert worker_count(100, "cpu") == torch.get_num_threads()
+    assert worker_count(100, "cpu", requested=3) == 3
+    assert worker_count(2, "cpu", requested=8) == 2  # no process without an image
+    assert worker_count(100, "cuda", requested=4) == 1  # a GPU samples in this process
+    assert worker_count(100, "cpu", requested=0) == 1
+
+
+def share(i, counter):
+    counter.update(i + 1)
+    return torch.full((i + 1,), float(i)), [torch.tensor(i)]
+
+
+def test_shares_come_back_in_order_with_their_progress():
+    bar = PlainBar(6, stream=io.StringIO())
+    shares = in_processes(share, 3, bar)
+    assert [len(values) for values, _ in shares] == [1, 2, 3]
+    assert all(torch.equal(values, torch.full((i + 1,), float(i))) and int(rest[0]) == i
+               for i, (values, rest) in enumerate(shares))
+    assert bar.n == 1 + 2 + 3
+
+
+def fails(i, counter):
+    if i == 1:
+        raise ValueError("share 1 failed")
+    return torch.zeros(1)
+
+
+def test_an_error_in_a_process_is_raised_here():
+    with pytest.raises(ValueError, match="share 1 failed"):
+        in_processes(fails, 2, progress_bar(disable=True))
+
+
+def torch_threads(i, counter):
+    return torch.tensor([torch.get_num_threads(), multiprocessing.current_process().pid])
+
+
+def test_processes_share_the_threads():
+    shares = in_processes(torch_threads, 2, progress_bar(disable=True))
+    assert all(int(threads) == max(1, torch.get_num_threads() // 2) for threads, _ in shares)
+    assert len({int(pid) for _, pid in shares} | {multiprocessing.current_process().pid}) == 3
+
+
+def dies(i, counter):
+    if i == 0:
+        import os
+        os._exit(3)  # as when the kernel kills a process for memory
+    return torch.zeros(1)
+
+
+def test_a_process_that_dies_is_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        in_processes(dies, 2, progress_bar(disable=True))
