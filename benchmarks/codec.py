@@ -2,7 +2,9 @@
 decode seconds per image, on the cascade the quality benchmark trained.
 
 `pipeline.codec` codes CHUNK images at a time on one thread, whatever the caller's batch (so
-that both sides compute bit-identical probabilities); that fixed chunk is the batch here.
+that both sides compute bit-identical probabilities); that fixed chunk is the batch here. The
+chunks are coded in processes side by side (one per torch thread), and in one process for
+comparison.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from pipeline.cascade import Cascade
 from pipeline.codec import CHUNK, compress, decompress
 from pipeline.config import load_experiment, stage_names
+from pipeline.processes import worker_count
 
 
 def run(experiment_file: Path, run_dir: Path, images_file: Path, count: int) -> dict:
@@ -27,16 +30,21 @@ def run(experiment_file: Path, run_dir: Path, images_file: Path, count: int) -> 
     images = torch.from_numpy(np.load(images_file)["images"][:count]).long() >> (8 - cascade.bits)
     with torch.no_grad():
         nats = -sum(float(lp.double().sum()) for lp in cascade.log_prob(images).values())
-    start = time.perf_counter()
-    data = compress(cascade, images)
-    encode_s = time.perf_counter() - start
-    start = time.perf_counter()
-    decoded, _ = decompress(cascade, data)
-    decode_s = time.perf_counter() - start
+    seconds, files = {}, {}
+    for workers in (1, None):  # one process, then the default
+        start = time.perf_counter()
+        files[workers] = data = compress(cascade, images, workers=workers)
+        middle = time.perf_counter()
+        decoded, _ = decompress(cascade, data, workers=workers)
+        seconds[workers] = (middle - start, time.perf_counter() - middle)
+    (encode_s, decode_s), (encode_one_s, decode_one_s) = seconds[None], seconds[1]
     dims = images.numel()
     model_bpd = nats / dims / np.log(2)
     file_bpd = 8 * len(data) / dims
     return {"images": len(images), "chunk": CHUNK, "file_bpd": file_bpd, "model_bpd": model_bpd,
             "overhead_percent": 100 * (file_bpd / model_bpd - 1), "bytes": len(data),
             "encode_s_per_image": encode_s / len(images), "decode_s_per_image": decode_s / len(images),
-            "identical": bool(torch.equal(decoded, images))}
+            "processes": worker_count(-(-len(images) // CHUNK), "cpu"),
+            "encode_s_per_image_one_process": encode_one_s / len(images),
+            "decode_s_per_image_one_process": decode_one_s / len(images),
+            "identical": bool(torch.equal(decoded, images)) and files[1] == files[None]}

@@ -87,10 +87,12 @@ def markdown(results: dict) -> str:
     c = results.get("codec")
     if c:
         out.append(f"\n## The cascade as a codec\n\n`make compress` and `make decompress` on the first {c['images']} "
-                   f"test images with the cascade trained above ({c['chunk']} images coded together, one thread): "
-                   f"file {c['file_bpd']:.4f} bits/dim against the model's {c['model_bpd']:.4f} "
-                   f"(**{c['overhead_percent']:+.2f}%**, header included); encode {c['encode_s_per_image']:.4f} s "
-                   f"and decode {c['decode_s_per_image']:.4f} s per image; identical images: {c['identical']}.")
+                   f"test images with the cascade trained above ({c['chunk']} images coded together on one thread, "
+                   f"{c['processes']} processes side by side): file {c['file_bpd']:.4f} bits/dim against the model's "
+                   f"{c['model_bpd']:.4f} (**{c['overhead_percent']:+.2f}%**, header included); encode "
+                   f"{c['encode_s_per_image']:.4f} s and decode {c['decode_s_per_image']:.4f} s per image (one process: "
+                   f"{c['encode_s_per_image_one_process']:.4f} s and {c['decode_s_per_image_one_process']:.4f} s); "
+                   f"identical images and files: {c['identical']}.")
     t = results["throughput"]
     out.append(f"\n## Training throughput\n\nMatmul peak measured now: {t['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
                f"({t['threads']} threads).\n")

@@ -129,12 +129,14 @@ def code_chunk(cascade, images: torch.Tensor | None, real: int, coder, encode: b
                        cascade.bits, cascade.high_bits)
 
 
-def compress(cascade, images: torch.Tensor, names: list[str] | None = None, progress: bool = False) -> bytes:
+def compress(cascade, images: torch.Tensor, names: list[str] | None = None, progress: bool = False,
+             workers: int | None = None) -> bytes:
     """Losslessly compress n-bit images (N, H, W, C) with the cascade; returns the container bytes.
 
     `names` (optional) are kept in the file, for decompressing to a folder of the same names.
     Raises ValueError for images of another shape, values beyond the cascade's n bits, or names
-    that are not one plain file name per image. Runs on the CPU (a copy of a cascade elsewhere).
+    that are not one plain file name per image. Runs on the CPU (a copy of a cascade elsewhere), in
+    `workers` processes (`pipeline.processes.worker_count`); the bytes are the same for any number.
     Source: the cascade's factorisation (Menick & Kalchbrenner 2019; README) driving a range coder.
     """
     import constriction
@@ -148,7 +150,7 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
     if names and (len(names) != len(images) or not valid_names(list(names))):
         raise ValueError("names must be one plain file name (no folder) per image")
     n = len(images)
-    shares = np.array_split(np.arange(0, n, CHUNK), worker_count(-(-n // CHUNK), "cpu"))  # chunk starts
+    shares = np.array_split(np.arange(0, n, CHUNK), worker_count(-(-n // CHUNK), "cpu", workers))  # chunk starts
 
     def encode(i, progress) -> list[bytes]:
         streams = []
@@ -219,7 +221,8 @@ def read_header(data: bytes, cascade=None) -> dict:
     return header
 
 
-def decompress(cascade, data: bytes, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+def decompress(cascade, data: bytes, progress: bool = False, workers: int | None = None
+               ) -> tuple[torch.Tensor, list[str]]:
     """The n-bit images (N, H, W, C) long and their names from `compress`'s bytes, bit for bit.
     Raises CodecError for another model, a damaged or truncated file, an unknown version, or
     decoded images that do not match the stored digest (never garbage images)."""
@@ -233,7 +236,7 @@ def decompress(cascade, data: bytes, progress: bool = False) -> tuple[torch.Tens
         words = header["counts"][index]
         streams.append((start, np.frombuffer(data, dtype="<u4", count=words, offset=pos).astype(np.uint32)))
         pos += 4 * words
-    shares = np.array_split(np.arange(len(streams)), worker_count(len(streams), "cpu"))
+    shares = np.array_split(np.arange(len(streams)), worker_count(len(streams), "cpu", workers))
 
     def decode(i, progress) -> torch.Tensor:
         images = []

@@ -56,19 +56,13 @@ def test_real_images_round_trip_and_cost_their_likelihood():
     assert streams == pytest.approx(model_bits(cascade, images), rel=0.01)
 
 
-def test_the_file_does_not_depend_on_how_many_processes_code_it(monkeypatch):
-    import pipeline.codec
-
+def test_the_file_does_not_depend_on_how_many_processes_code_it():
     cascade = Cascade(make_stages(**GEOMETRIES[0]))
     images = cascade.sample(40, generator=torch.Generator().manual_seed(2))[0]  # 3 chunks
-    files = {}
-    for workers in (1, 2, 3):
-        monkeypatch.setattr(pipeline.codec, "worker_count", lambda n, device, w=workers: min(n, w))
-        files[workers] = compress(cascade, images)
+    files = {workers: compress(cascade, images, workers=workers) for workers in (1, 2, 3)}
     assert files[1] == files[2] == files[3]
     for workers in (1, 3):  # and decodes in any split
-        monkeypatch.setattr(pipeline.codec, "worker_count", lambda n, device, w=workers: min(n, w))
-        assert torch.equal(decompress(cascade, files[1])[0], images)
+        assert torch.equal(decompress(cascade, files[1], workers=workers)[0], images)
 
 
 def test_the_callers_threads_do_not_matter():
