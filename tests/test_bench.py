@@ -17,7 +17,9 @@ def test_bench_smoke_writes_both_result_files(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert {"image", "S", "peak_mb", "step_s"} <= set(results["memory"][0])
+    assert all(row["peak_mb"] > 0 for row in results["memory"] if row["status"] == "ok")  # a step takes memory
     assert {"cached_speedup", "cascade_s_per_image"} <= set(results["sampling"])
+    assert all(cascade["identical_images"] for cascade in results["sampling"]["cascades"])
     assert {"minutes", "cascade_bpd", "single_transformer_bpd", "codecs"} <= set(results["quality"])
     assert results["sampling"]["decoder"]["identical"]
     assert results["codec"]["identical"]
