@@ -114,5 +114,5 @@ def decode(source, channels: int, background: str = "white") -> tuple[Image.Imag
 
 
 def as_array(image: Image.Image) -> np.ndarray:
-    """A PIL image of mode L or RGB -> (H, W, C) uint8."""
-    return np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, len(image.getbands()))
+    """A PIL image of mode L or RGB -> (H, W, C) uint8, writable (torch warns users about read-only arrays)."""
+    return np.array(image, dtype=np.uint8).reshape(image.height, image.width, len(image.getbands()))

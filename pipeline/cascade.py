@@ -151,7 +151,6 @@ class Cascade:
         done = {"msb": set(fixed_msb), "lsb": set(fixed_lsb)}
         pictures = [self.picture(known, done)] if frames else []
         for stage, part, k in self.plan(fixed_msb, fixed_lsb):
-            progress.set_description(f"{stage} slice {k}")
             noise = torch.stack([torch.rand(self.h * self.w * self.C, generator=g) for g in streams])  # (n, T)
             values, lp = self.stages[stage].sample_slice(known, k, temperature, None, progress, method, noise)
             known[part][:, k] = values

@@ -81,7 +81,7 @@ def in_processes(job, parts: int, progress) -> list:
 
 
 class _Counter:
-    """The part of a progress bar's interface the samplers use, counting into a shared integer."""
+    """A progress bar's `update`, counting into an integer shared with the parent process."""
 
     def __init__(self, value):
         self.value = value
@@ -89,9 +89,6 @@ class _Counter:
     def update(self, n: int = 1) -> None:
         with self.value.get_lock():
             self.value.value += n
-
-    def set_description(self, desc: str) -> None:
-        pass
 
 
 def _child(job, i: int, done, threads: int, results) -> None:

@@ -17,9 +17,6 @@ class PlainBar:
         self.n, self.start = 0, time.monotonic()
         self.last = self.start
 
-    def set_description(self, desc: str) -> None:
-        self.desc = desc
-
     def update(self, n: int = 1) -> None:
         self.n += n
         if time.monotonic() - self.last >= self.seconds:

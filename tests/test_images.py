@@ -48,6 +48,11 @@ def drawing_on_transparency(mode: str) -> Image.Image:
     return image
 
 
+def test_images_are_read_into_writable_arrays():  # torch.from_numpy warned users of make upscale otherwise
+    assert as_array(Image.new("L", (3, 2))).flags.writeable
+    assert as_array(Image.new("RGB", (3, 2))).flags.writeable
+
+
 def test_16_bit_grey_is_scaled_not_clipped():
     assert pixels(saved(Image.fromarray(RAMP16)))[0, :, 0].tolist() == [0, 36, 73, 109, 146, 182, 219, 255]
     as_int32 = Image.fromarray(RAMP16.astype(np.int32))  # how many 16-bit files decode: mode I
