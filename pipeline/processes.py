@@ -22,6 +22,7 @@ import warnings
 
 import torch
 
+
 def worker_count(n: int, device, requested: int | None = None) -> int:
     """How many processes to split n independent items between: `requested` (by default one per
     thread torch may use, `torch.get_num_threads()`, which OMP_NUM_THREADS sets), at most n; always
