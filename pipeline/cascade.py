@@ -16,7 +16,7 @@ from data.transforms import from_slices, merge_depth, split_depth, to_slices
 from stages import GEOMETRY, geometry
 from pipeline.checkpoints import load_stage
 from pipeline.pictures import partial_image
-from pipeline.processes import in_processes, worker_count
+from pipeline.processes import in_processes
 from pipeline.progress import progress_bar
 from stages.metrics import bits_per_dim
 
@@ -129,13 +129,12 @@ class Cascade:
         seeds = torch.randint(2**62, (n,), generator=generator, device=generator.device if generator else "cpu")
         steps = len(self.plan(fixed_msb, fixed_lsb)) * self.h * self.w * self.C * n
         bar = progress_bar(steps, "sampling", "sub-pixel", disable=not progress)
-        shares = torch.arange(n).tensor_split(worker_count(n, self.device, workers))  # the images of each process
 
-        def share(i, progress):
-            part = {name: slices[shares[i]] for name, slices in known.items()}
-            return self.draw(seeds[shares[i]], part, fixed_msb, fixed_lsb, frames, temperature, method, progress)
+        def share(rows, progress):  # rows: the indices of one process's images
+            part = {name: slices[rows] for name, slices in known.items()}
+            return self.draw(seeds[rows], part, fixed_msb, fixed_lsb, frames, temperature, method, progress)
 
-        drawn = in_processes(share, len(shares), bar)
+        drawn = in_processes(share, torch.arange(n), bar, self.device, workers)
         out = (torch.cat([images for images, _, _ in drawn]), torch.cat([log_prob for _, log_prob, _ in drawn]),
                [torch.cat(frame) for frame in zip(*(pictures for _, _, pictures in drawn))])
         bar.close()

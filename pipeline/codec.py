@@ -37,7 +37,7 @@ import torch
 
 from data.transforms import from_sequence, from_slices, merge_depth, to_sequence
 from pipeline.checkpoints import weights_digest
-from pipeline.processes import in_processes, worker_count
+from pipeline.processes import in_processes
 from pipeline.progress import progress_bar
 from stages.networks import IncrementalDecoder, log_probs
 
@@ -136,7 +136,7 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
     `names` (optional) are kept in the file, for decompressing to a folder of the same names.
     Raises ValueError for images of another shape, values beyond the cascade's n bits, or names
     that are not one plain file name per image. Runs on the CPU (a copy of a cascade elsewhere), in
-    `workers` processes (`pipeline.processes.worker_count`); the bytes are the same for any number.
+    `workers` processes (`pipeline.processes.in_processes`); the bytes are the same for any number.
     Source: the cascade's factorisation (Menick & Kalchbrenner 2019; README) driving a range coder.
     """
     import constriction
@@ -150,12 +150,10 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
     if names and (len(names) != len(images) or not valid_names(list(names))):
         raise ValueError("names must be one plain file name (no folder) per image")
     n = len(images)
-    shares = np.array_split(np.arange(0, n, CHUNK), worker_count(-(-n // CHUNK), "cpu", workers))  # chunk starts
-
-    def encode(i, progress) -> list[bytes]:
+    def encode(starts, progress) -> list[bytes]:  # starts: the first image of each chunk of one process
         streams = []
         with one_thread():
-            for start in shares[i]:
+            for start in starts:
                 real = min(CHUNK, n - start)
                 chunk = torch.zeros((CHUNK, *cascade.shape), dtype=torch.long)
                 chunk[:real] = images[start:start + real]
@@ -166,7 +164,8 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
         return streams
 
     bar = progress_bar(n, "compressing", "image", disable=not progress)
-    streams = [stream for share in in_processes(encode, len(shares), bar) for stream in share]
+    streams = [stream for share in in_processes(encode, range(0, n, CHUNK), bar, workers=workers)
+               for stream in share]
     bar.close()
     names_blob = zlib.compress(json.dumps(list(names or [])).encode())
     body = b"".join([
@@ -236,12 +235,11 @@ def decompress(cascade, data: bytes, progress: bool = False, workers: int | None
         words = header["counts"][index]
         streams.append((start, np.frombuffer(data, dtype="<u4", count=words, offset=pos).astype(np.uint32)))
         pos += 4 * words
-    shares = np.array_split(np.arange(len(streams)), worker_count(len(streams), "cpu", workers))
 
-    def decode(i, progress) -> torch.Tensor:
+    def decode(chunks, progress) -> torch.Tensor:  # chunks: (first image, words) of one process's chunks
         images = []
         with one_thread():
-            for start, stream in (streams[index] for index in shares[i]):
+            for start, stream in chunks:
                 real = min(CHUNK, n - start)
                 coder = constriction.stream.queue.RangeDecoder(stream)
                 images.append(code_chunk(cascade, None, real, coder, encode=False)[:real])
@@ -249,7 +247,7 @@ def decompress(cascade, data: bytes, progress: bool = False, workers: int | None
         return torch.cat(images) if images else torch.zeros((0, *cascade.shape), dtype=torch.long)
 
     bar = progress_bar(n, "decompressing", "image", disable=not progress)
-    out = torch.cat(in_processes(decode, len(shares), bar))
+    out = torch.cat(in_processes(decode, streams, bar, workers=workers))
     bar.close()
     if image_digest(out) != header["images_digest"]:
         raise CodecError("the decoded images do not match the file's digest: the file was altered after "

@@ -34,24 +34,27 @@ def worker_count(n: int, device, requested: int | None = None) -> int:
     return max(1, min(n, torch.get_num_threads() if requested is None else requested))
 
 
-def in_processes(job, parts: int, progress) -> list:
-    """[job(i, counter) for i in range(parts)], each call in a forked process of its own, side by side
-    (parts = 1: job(0, progress) in this process).
+def in_processes(job, items, progress, device="cpu", workers: int | None = None) -> list:
+    """`items` (a sequence: list, range, tensor) cut into W contiguous shares, W = `worker_count(len(items),
+    device, workers)`, and [job(share, counter) for each share], each call in a forked process of its
+    own, side by side (W = 1: job(items, progress) in this process).
 
     `job` returns tensors or bytes (alone or in tuples, lists, dicts); `counter.update(k)` in a child
     adds k to `progress`, a tqdm-like bar of this process. The children share torch's threads
-    (`torch.get_num_threads() // parts`, at least 1 each) and ignore Ctrl+C: this process stops on
+    (`torch.get_num_threads() // W`, at least 1 each) and ignore Ctrl+C: this process stops on
     it and ends them. An exception in a child is raised here; a child that dies without a result
     (killed) raises RuntimeError. Forking costs more the more memory this process holds (its page
     tables are copied): tens of milliseconds for a model loaded to sample, tenths of a second for
     gigabytes.
     """
+    parts = worker_count(len(items), device, workers)
     if parts == 1:
-        return [job(0, progress)]
+        return [job(items, progress)]
+    shares = [items[len(items) * i // parts: len(items) * (i + 1) // parts] for i in range(parts)]
     context = multiprocessing.get_context("fork")
     done, results = context.Value("q", 0), context.Queue()
     threads = max(1, torch.get_num_threads() // parts)
-    children = [context.Process(target=_child, args=(job, i, done, threads, results), daemon=True)
+    children = [context.Process(target=_child, args=(job, i, shares[i], done, threads, results), daemon=True)
                 for i in range(parts)]
     try:
         with warnings.catch_warnings():  # Python >= 3.12 warns of fork in a process with threads (torch's);
@@ -92,13 +95,13 @@ class _Counter:
             self.value.value += n
 
 
-def _child(job, i: int, done, threads: int, results) -> None:
-    """Runs in a forked process: job(i), its result (torch.save bytes) or its exception put on `results`."""
+def _child(job, i: int, share, done, threads: int, results) -> None:
+    """Runs in a forked process: job(share), its result (torch.save bytes) or its exception put on `results`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         buffer = io.BytesIO()
-        torch.save(job(i, _Counter(done)), buffer)
+        torch.save(job(share, _Counter(done)), buffer)
         results.put((i, None, buffer.getvalue()))
     except Exception as error:  # noqa: BLE001 - handed to the parent, which raises it
         try:

@@ -79,8 +79,8 @@ def write_outputs(out: Path, cascade: Cascade, images: torch.Tensor, log_prob: n
         save_png(folder / "growth.png", np.concatenate([image_grid(frame[shown], columns=1) for frame in growth], 1))
         save_gif(folder / "growth.gif", [image_grid(frame[shown], columns=shown.stop) for frame in growth])
     bpd = cascade.bpd(-log_prob.mean()) if np.isfinite(log_prob).all() else float("nan")
-    print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} to {out}/ (samples.npz, grid.png, growth.png, growth.gif); "
-          f"bits/dim of the images under the cascade: {bpd:.3f}")
+    print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} to {out}/ "
+          f"(samples.npz, grid.png, growth.png, growth.gif); bits/dim of the images under the cascade: {bpd:.3f}")
     log_job(experiment, job, out.parent, {f"{job}/bpd_of_samples": bpd},
             {f"{job}/grid": out / "grid.png", f"{job}/growth": out / "growth.png"})
 

@@ -18,43 +18,53 @@ def test_how_many_processes_sample():
     assert worker_count(100, "cpu", requested=0) == 1
 
 
-def share(i, counter):
+def share(items, counter):
+    i = items[0]
     counter.update(i + 1)
     return torch.full((i + 1,), float(i)), [torch.tensor(i)]
 
 
 def test_shares_come_back_in_order_with_their_progress():
     bar = PlainBar(6, stream=io.StringIO())
-    shares = in_processes(share, 3, bar)
+    shares = in_processes(share, range(3), bar, workers=3)
     assert [len(values) for values, _ in shares] == [1, 2, 3]
     assert all(torch.equal(values, torch.full((i + 1,), float(i))) and int(rest[0]) == i
                for i, (values, rest) in enumerate(shares))
     assert bar.n == 1 + 2 + 3
 
 
-def fails(i, counter):
-    if i == 1:
+def test_items_are_cut_into_contiguous_shares_one_per_process():
+    shares = in_processes(lambda items, counter: torch.tensor(list(items)), range(7), progress_bar(disable=True),
+                          workers=3)
+    assert len(shares) == 3 and torch.cat(shares).tolist() == list(range(7))
+    alone = in_processes(lambda items, counter: torch.tensor(list(items)), range(7), progress_bar(disable=True),
+                         workers=1)
+    assert len(alone) == 1 and alone[0].tolist() == list(range(7))
+
+
+def fails(items, counter):
+    if items[0] == 1:
         raise ValueError("share 1 failed")
     return torch.zeros(1)
 
 
 def test_an_error_in_a_process_is_raised_here():
     with pytest.raises(ValueError, match="share 1 failed"):
-        in_processes(fails, 2, progress_bar(disable=True))
+        in_processes(fails, range(2), progress_bar(disable=True), workers=2)
 
 
-def torch_threads(i, counter):
+def torch_threads(items, counter):
     return torch.tensor([torch.get_num_threads(), multiprocessing.current_process().pid])
 
 
 def test_processes_share_the_threads():
-    shares = in_processes(torch_threads, 2, progress_bar(disable=True))
+    shares = in_processes(torch_threads, range(2), progress_bar(disable=True), workers=2)
     assert all(int(threads) == max(1, torch.get_num_threads() // 2) for threads, _ in shares)
     assert len({int(pid) for _, pid in shares} | {multiprocessing.current_process().pid}) == 3
 
 
-def dies(i, counter):
-    if i == 0:
+def dies(items, counter):
+    if items[0] == 0:
         import os
         os._exit(3)  # as when the kernel kills a process for memory
     return torch.zeros(1)
@@ -62,4 +72,4 @@ def dies(i, counter):
 
 def test_a_process_that_dies_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match="exit code 3"):
-        in_processes(dies, 2, progress_bar(disable=True))
+        in_processes(dies, range(2), progress_bar(disable=True), workers=2)
