@@ -57,6 +57,7 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -c "from stages import native; native.build()"
 	@touch $@
 
 test: install

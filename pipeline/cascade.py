@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from data.transforms import from_slices, merge_depth, split_depth, to_slices
-from stages import GEOMETRY, geometry
+from stages import GEOMETRY, geometry, native
 from pipeline.checkpoints import load_stage
 from pipeline.pictures import partial_image
 from pipeline.processes import in_processes
@@ -134,6 +134,8 @@ class Cascade:
             part = {name: slices[rows] for name, slices in known.items()}
             return self.draw(seeds[rows], part, fixed_msb, fixed_lsb, frames, temperature, method, progress)
 
+        if method in ("fast", "native"):
+            native.usable(self.device, torch.float32)  # build or load the C++ sampler here, not in each process
         drawn = in_processes(share, torch.arange(n), bar, self.device, workers)
         out = (torch.cat([images for images, _, _ in drawn]), torch.cat([log_prob for _, log_prob, _ in drawn]),
                [torch.cat(frame) for frame in zip(*(pictures for _, _, pictures in drawn))])

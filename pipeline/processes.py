@@ -18,6 +18,7 @@ import multiprocessing
 import pickle
 import queue
 import signal
+import threading
 import warnings
 
 import torch
@@ -36,16 +37,16 @@ def worker_count(n: int, device, requested: int | None = None) -> int:
 
 def in_processes(job, items, progress, device="cpu", workers: int | None = None) -> list:
     """`items` (a sequence: list, range, tensor) cut into W contiguous shares, W = `worker_count(len(items),
-    device, workers)`, and [job(share, counter) for each share], each call in a forked process of its
-    own, side by side (W = 1: job(items, progress) in this process).
+    device, workers)`, and [job(share, counter) for each share], side by side: the first share in this
+    process, each other in a forked process of its own (W = 1: job(items, progress) here).
 
-    `job` returns tensors or bytes (alone or in tuples, lists, dicts); `counter.update(k)` in a child
-    adds k to `progress`, a tqdm-like bar of this process. The children share torch's threads
-    (`torch.get_num_threads() // W`, at least 1 each) and ignore Ctrl+C: this process stops on
-    it and ends them. An exception in a child is raised here; a child that dies without a result
-    (killed) raises RuntimeError. Forking costs more the more memory this process holds (its page
-    tables are copied): tens of milliseconds for a model loaded to sample, tenths of a second for
-    gigabytes.
+    `job` returns tensors or bytes (alone or in tuples, lists, dicts); `counter.update(k)` adds k to
+    `progress`, a tqdm-like bar of this process. The shares split torch's threads
+    (`torch.get_num_threads() // W`, at least 1 each). The children ignore Ctrl+C: this process
+    stops on it and ends them. An exception in a share is raised here; a child that dies without a
+    result (killed) raises RuntimeError. Forking costs more the more memory this process holds (its
+    page tables are copied, and torn down when the child exits): about 25 ms for a model loaded to
+    sample, tenths of a second for gigabytes.
     """
     parts = worker_count(len(items), device, workers)
     if parts == 1:
@@ -53,16 +54,20 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
     shares = [items[len(items) * i // parts: len(items) * (i + 1) // parts] for i in range(parts)]
     context = multiprocessing.get_context("fork")
     done, results = context.Value("q", 0), context.Queue()
-    threads = max(1, torch.get_num_threads() // parts)
+    threads, own_threads = max(1, torch.get_num_threads() // parts), torch.get_num_threads()
     children = [context.Process(target=_child, args=(job, i, shares[i], done, threads, results), daemon=True)
-                for i in range(parts)]
+                for i in range(1, parts)]
     try:
         with warnings.catch_warnings():  # Python >= 3.12 warns of fork in a process with threads (torch's);
             # the children only run torch with threads of their own, as a DataLoader's workers do
             warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
             for child in children:
                 child.start()
-        shares = {}
+        torch.set_num_threads(threads)
+        try:
+            shares = {0: job(shares[0], _Counter(done, progress))}
+        finally:
+            torch.set_num_threads(own_threads)
         while len(shares) < parts:
             try:
                 i, error, share = results.get(timeout=0.1)
@@ -77,22 +82,26 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
             progress.update(done.value - progress.n)
         return [shares[i] for i in range(parts)]
     finally:
-        for child in children:
-            if child.is_alive():
+        for i, child in enumerate(children, start=1):
+            if i in shares:  # done, and exiting: the kernel's teardown of its memory takes ~15 ms,
+                threading.Thread(target=child.join, daemon=True).start()  # so it is reaped meanwhile
+            elif child.pid is not None:
                 child.terminate()
-            if child.pid is not None:
                 child.join()
 
 
 class _Counter:
-    """A progress bar's `update`, counting into an integer shared with the parent process."""
+    """A progress bar's `update`, counting into an integer shared between the processes; in this
+    process it also moves `bar` to the total so far."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value, bar=None):
+        self.value, self.bar = value, bar
 
     def update(self, n: int = 1) -> None:
         with self.value.get_lock():
             self.value.value += n
+        if self.bar is not None:
+            self.bar.update(self.value.value - self.bar.n)
 
 
 def _child(job, i: int, share, done, threads: int, results) -> None:

@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from data.transforms import pixel_of_subpixel
+from stages import native
 
 
 @dataclass
@@ -146,8 +147,9 @@ class SliceDecoder(nn.Module):
     """Autoregressive model of the T = h*w*C sub-pixels of one slice (the paper's slice decoder): a causal
     transformer whose input at position t is the value at t-1 (a start token at t = 0), a learnt
     position and the context of t's own pixel; its output at t is the logits of sub-pixel t's
-    categorical distribution over 2**bits values. Incremental decoding: `IncrementalDecoder` (fewer
-    operations per step, the default) and `step` (simple, the reference); `sample` draws a slice."""
+    categorical distribution over 2**bits values. Incremental decoding: the C++ loop of
+    `stages.native` (the default on a CPU), `IncrementalDecoder` (fewer operations per step) and
+    `step` (simple, the reference); `sample` draws a slice."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -202,27 +204,40 @@ class SliceDecoder(nn.Module):
         The noise is one uniform per sub-pixel, `noise` (B, T) or else drawn from `generator` up
         front, and each value is read off the inverse CDF, so every method gives the same draws
         from the same noise:
-        * "fast": `IncrementalDecoder`, the default: the same cached decoding in fewer tensor
-          operations per step (1.2x to 1.5x faster than "cached" at batch 16; `make bench`);
+        * "fast", the default: "native" where it runs (float32 weights on the CPU, a C++ compiler
+          on the machine), else "incremental";
+        * "native": the cached decoding of the whole slice in one C++ loop (`stages.native`);
+        * "incremental": `IncrementalDecoder`, the same cached decoding in Python, in fewer tensor
+          operations per step than "cached";
         * "cached": `step`, the simple key/value-cached decoding, the reference for tests;
         * "recompute": the whole prefix through `forward` at every step (the slow reference).
+        `make bench` measures them. Raises ValueError for another method, RuntimeError for
+        "native" where it cannot run.
         """
         device = self.position.device
         if noise is None:
             noise = torch.rand(batch, self.cfg.length, generator=generator,
                                device=generator.device if generator else device)
         noise = noise.to(device)
+        if method == "fast":
+            method = "native" if native.usable(device, self.position.dtype) else "incremental"
+        if method == "native":
+            values, log_prob = native.sample_slice(IncrementalDecoder(self, context, batch), self.start_token,
+                                                   noise, temperature)
+            if progress is not None:
+                progress.update(batch * self.cfg.length)
+            return values, log_prob
         values = torch.zeros(batch, self.cfg.length, dtype=torch.long, device=device)
         log_prob = torch.zeros(batch, device=device)
         previous = torch.full((batch,), self.start_token, dtype=torch.long, device=device)
-        if method == "fast":
+        if method == "incremental":
             fast = IncrementalDecoder(self, context, batch)
         elif method == "cached":
             ctx, cache = self.context_tokens(context), self.new_cache(batch, device, self.position.dtype)
         elif method != "recompute":
-            raise ValueError(f"method={method!r} is unknown: use fast, cached or recompute")
+            raise ValueError(f"method={method!r} is unknown: use fast, native, incremental, cached or recompute")
         for t in range(self.cfg.length):
-            if method == "fast":
+            if method == "incremental":
                 out = fast.step(previous, t)
             elif method == "cached":
                 out = self.step(previous, t, ctx, cache)

@@ -58,13 +58,34 @@ def torch_threads(items, counter):
 
 
 def test_processes_share_the_threads():
-    shares = in_processes(torch_threads, range(2), progress_bar(disable=True), workers=2)
-    assert all(int(threads) == max(1, torch.get_num_threads() // 2) for threads, _ in shares)
-    assert len({int(pid) for _, pid in shares} | {multiprocessing.current_process().pid}) == 3
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        shares = in_processes(torch_threads, range(2), progress_bar(disable=True), workers=2)
+        assert torch.get_num_threads() == 4  # this process has its threads back
+    finally:
+        torch.set_num_threads(before)
+    assert all(int(threads) == 2 for threads, _ in shares)
+    pids = [int(pid) for _, pid in shares]
+    assert pids[0] == multiprocessing.current_process().pid != pids[1]  # the first share ran here
+
+
+BAR = PlainBar(3, stream=io.StringIO())
+
+
+def counts_and_reads_the_bar(items, counter):
+    counter.update(len(items))
+    return torch.tensor(BAR.n)
+
+
+def test_the_share_run_here_moves_the_bar_as_it_goes():
+    seen = in_processes(counts_and_reads_the_bar, range(3), BAR, workers=3)
+    assert int(seen[0]) >= 1  # at once, not only when the other shares are done
+    assert BAR.n == 3
 
 
 def dies(items, counter):
-    if items[0] == 0:
+    if items[0] == 1:
         import os
         os._exit(3)  # as when the kernel kills a process for memory
     return torch.zeros(1)

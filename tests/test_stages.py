@@ -145,10 +145,54 @@ def test_cached_decoding_matches_the_full_forward_pass(channels):
             assert torch.allclose(step, full[:, t], atol=1e-4), t
             previous = values[:, t]
         draws = {method: decoder.sample(2, ctx, generator=torch.Generator().manual_seed(7), method=method)
-                 for method in ("fast", "cached", "recompute")}
-    for method in ("fast", "recompute"):  # the same draws from the same noise, the same log-probabilities
+                 for method in ("fast", "native", "incremental", "cached", "recompute")}
+    for method in ("fast", "native", "incremental", "recompute"):  # the same draws from the same noise
         assert torch.equal(draws[method][0], draws["cached"][0]), method
         assert torch.allclose(draws[method][1], draws["cached"][1], atol=1e-4), method
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("name,channels", [("first_slice", 3), ("size_spn", 1), ("size_spn", 3)])
+def test_the_cpp_sampler_draws_what_the_reference_draws(name, channels, temperature, batch):
+    """stages/slice_sampler.cpp against `SliceDecoder.step`: unconditional and with a context,
+    one and three channels, at another temperature, one image and several; heads of 16 and of 8."""
+    for heads in (2, 4):
+        stage = make_stages(channels=channels, subscale=2, width=32, heads=heads)[name]
+        known = random_known(stage, batch=batch)
+        k = 0 if name == "first_slice" else 3
+        ctx = stage.context(known, torch.full((batch,), k)) if stage.context_net is not None else None
+        with torch.no_grad():
+            native, reference = (stage.decoder.sample(batch, ctx, temperature, torch.Generator().manual_seed(3),
+                                                      method=method) for method in ("native", "cached"))
+        assert torch.equal(native[0], reference[0])
+        assert torch.allclose(native[1], reference[1], atol=1e-4)
+
+
+def test_without_a_compiler_sampling_keeps_to_the_python_step(monkeypatch, capsys):
+    """A failed build is one note on stderr; "fast" then decodes in Python, "native" says it cannot run."""
+    from torch.utils import cpp_extension
+
+    from stages import native
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'spn_slice_sampler': c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    assert native.load.__wrapped__() is None
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and note.startswith("note: the C++ slice sampler could not be built") and "c++: not found" in note
+
+    monkeypatch.setattr(native, "load", lambda: None)
+    stage = make_stages(subscale=2)["size_spn"]
+    known = random_known(stage)
+    ctx = stage.context(known, torch.full((2,), 1))
+    with torch.no_grad():
+        fast, reference = (stage.decoder.sample(2, ctx, generator=torch.Generator().manual_seed(5), method=method)
+                           for method in ("fast", "cached"))
+        assert torch.equal(fast[0], reference[0])
+        with pytest.raises(RuntimeError, match="not available"):
+            stage.decoder.sample(2, ctx, generator=torch.Generator().manual_seed(5), method="native")
 
 
 PAPER_EXPERIMENTS = ["celebahq256_5bit", "imagenet64", "photos32"]
