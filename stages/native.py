@@ -32,10 +32,13 @@ def load():
     if os.environ.get("SPN_NATIVE", "1") == "0":
         return None
     level = torch.backends.cpu.get_cpu_capability()
+    name = f"spn_slice_sampler_{level.lower()}"
     try:
         from torch.utils import cpp_extension
-        return cpp_extension.load(f"spn_slice_sampler_{level.lower()}", [str(SOURCE)],
-                                  extra_cflags=["-O3", *VECTOR_FLAGS.get(level, [])], verbose=False)
+        if not any(Path(cpp_extension._get_build_directory(name, False)).glob("*.so")):
+            print("note: building the C++ slice sampler for this machine, once (about 25 s)", file=sys.stderr)
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", *VECTOR_FLAGS.get(level, [])],
+                                  verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: all mean the same to a user
         reason = " ".join(str(error).split())[:160]
         print(f"note: the C++ slice sampler could not be built ({type(error).__name__}: {reason}); "
