@@ -63,7 +63,7 @@ def markdown(results: dict) -> str:
             rows.append([c["experiment"], c["shape"], r["sampler"], r["batch"], r["s_per_image"], r["subpixels_per_s"]])
     out.append(table(["cascade", "image", "sampler", "batch", "s per image", "sub-pixels/s"], rows))
     default = "the C++ loop" if s.get("native") else "the Python fast step (the C++ loop could not be built)"
-    out.append(f"\nThe default sampler, which `make sample` uses: {default} in forked processes of one thread each.")
+    out.append(f"\nThe default sampler, which `make sample` uses: {default} in processes of one thread each, one per core (the first share in the sampling process, the others forked).")
     for c in s["cascades"]:
         out.append(f"\n{c['experiment']}: the default sampler against the reference at batch 16: "
                    f"**{c['default_vs_reference_at_16']:.2f}x** (in one process: the C++ loop "

@@ -1,11 +1,12 @@
 """Independent work split between forked CPU processes (`Cascade.sample`, the codec's chunks).
 
-On a CPU, cached decoding of small images is a long chain of small tensor operations: at
-batch 16 a step of the default model is about 100 of them, of 1 to 10 microseconds each.
-Intra-op threads pay little at these sizes, so one process keeps about one core busy. The
-images are independent given their noise, so `in_processes` hands each of W forked processes
-a share of them and runs the shares side by side, one thread each. The codec's chunks of
-images are independent too, and it computes on one thread anyway (`pipeline.codec`).
+On a CPU, cached decoding of small images is a long chain of small tensor operations (a
+step of the default model at batch 16: about 50 of them in the C++ loop, of 1 to 10
+microseconds each). Intra-op threads pay little at these sizes, so one process keeps about
+one core busy. The images are independent given their noise, so `in_processes` cuts them
+into W shares and runs the shares side by side, one thread each: the first in this process,
+the others in forked processes. The codec's chunks of images are independent too, and it
+computes on one thread anyway (`pipeline.codec`).
 
 Forked children inherit the model without copying it. Their results come back as
 `torch.save` bytes: torch's own sharing of tensors between processes (file descriptors in
