@@ -10,8 +10,11 @@ step (`IncrementalDecoder`) after one note on stderr.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,19 +34,38 @@ def load():
     after one line on stderr saying why. Set SPN_NATIVE=0 to skip it (the Python step is used)."""
     if os.environ.get("SPN_NATIVE", "1") == "0":
         return None
+    compiler = os.environ.get("CXX", "c++")  # what torch builds with
+    if not shutil.which(compiler):
+        return _not_built(f"no C++ compiler: {compiler} is not on PATH")
     level = torch.backends.cpu.get_cpu_capability()
     name = f"spn_slice_sampler_{level.lower()}"
+    if not _built(name):
+        print("note: building the C++ slice sampler for this machine, once (about 25 s)", file=sys.stderr)
     try:
         from torch.utils import cpp_extension
-        if not any(Path(cpp_extension._get_build_directory(name, False)).glob("*.so")):
-            print("note: building the C++ slice sampler for this machine, once (about 25 s)", file=sys.stderr)
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", *VECTOR_FLAGS.get(level, [])],
-                                  verbose=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: all mean the same to a user
-        reason = " ".join(str(error).split())[:160]
-        print(f"note: the C++ slice sampler could not be built ({type(error).__name__}: {reason}); "
-              "sampling uses the Python step, about 1.5x slower", file=sys.stderr)
-        return None
+        with warnings.catch_warnings():  # torch's warnings about the compiler: the build's outcome says enough
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", *VECTOR_FLAGS.get(level, [])],
+                                      verbose=False)
+    except Exception as error:  # no ninja, a failed build: all mean the same to a user
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        return _not_built(next((line for line in lines if "error:" in line), lines[0])[:160])  # the compiler's
+
+
+def _not_built(reason: str) -> None:
+    print(f"note: the C++ slice sampler could not be built ({reason}); sampling uses the Python step, "
+          "about 1.5x slower", file=sys.stderr)
+
+
+def _built(name: str) -> bool:
+    """Whether torch's extension cache holds a build of `name` (then loading takes well under a
+    second). It asks a private helper of torch's for the folder: if that goes, it says True."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        return any(Path(_get_build_directory(name, False)).glob("*.so"))
+    except Exception:  # noqa: BLE001 - only the note depends on it
+        return True
 
 
 def usable(device, dtype) -> bool:

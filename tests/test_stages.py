@@ -182,6 +182,9 @@ def test_without_a_compiler_sampling_keeps_to_the_python_step(monkeypatch, capsy
     assert native.load.__wrapped__() is None
     failed = [line for line in capsys.readouterr().err.splitlines() if "could not be built" in line]
     assert len(failed) == 1 and failed[0].startswith("note: the C++ slice sampler") and "c++: not found" in failed[0]
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert native.load.__wrapped__() is None
+    assert "no C++ compiler: no-such-compiler is not on PATH" in capsys.readouterr().err
 
     monkeypatch.setattr(native, "load", lambda: None)
     stage = make_stages(subscale=2)["size_spn"]
