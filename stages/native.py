@@ -1,7 +1,7 @@
 """The C++ slice sampler (`stages/slice_sampler.cpp`): built once per machine, then loaded.
 
 `torch.utils.cpp_extension.load` compiles the C++ file with this machine's C++ compiler and
-ninja the first time it is needed (about 20 s; `make install` does it ahead of use) and keeps
+ninja the first time it is needed (about 25 s; `make install` does it ahead of use) and keeps
 the library in torch's extension cache (TORCH_EXTENSIONS_DIR, by default
 ~/.cache/torch_extensions), where later runs find it in a fraction of a second; it rebuilds
 when the source changes. Where it cannot be built (no compiler), sampling keeps to the Python
@@ -41,16 +41,20 @@ def load():
     name = f"spn_slice_sampler_{level.lower()}"
     if not _built(name):
         print("note: building the C++ slice sampler for this machine, once (about 25 s)", file=sys.stderr)
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    logger_level = logger.level
     try:
         from torch.utils import cpp_extension
         with warnings.catch_warnings():  # torch's warnings about the compiler: the build's outcome says enough
             warnings.simplefilter("ignore")
-            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            logger.setLevel(logging.ERROR)
             return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", *VECTOR_FLAGS.get(level, [])],
                                       verbose=False)
     except Exception as error:  # no ninja, a failed build: all mean the same to a user
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         return _not_built(next((line for line in lines if "error:" in line), lines[0])[:160])  # the compiler's
+    finally:
+        logger.setLevel(logger_level)
 
 
 def _not_built(reason: str) -> None:
@@ -89,7 +93,6 @@ def sample_slice(fast, start_token: int, noise: torch.Tensor, temperature: float
     return module.sample_slice(fast.embedding.contiguous(), fast.inputs, noise.float().contiguous(), layers, eps,
                                fast.norm[0], fast.norm[1], float(fast.norm[2]), fast.head[0], fast.head[1],
                                start_token, fast.heads, float(temperature))
-
 
 
 def build() -> None:
