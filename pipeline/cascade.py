@@ -127,6 +127,8 @@ class Cascade:
         known = {part: known[part].to(self.device, torch.long, copy=True) if part in known  # never the caller's
                  else torch.zeros(shape, dtype=torch.long, device=self.device) for part in ("msb", "lsb")}
         seeds = torch.randint(2**62, (n,), generator=generator, device=generator.device if generator else "cpu")
+        if method in ("fast", "native"):  # build or load the C++ sampler once, here, before the bar and the forks
+            native.usable(self.device, torch.float32)
         steps = len(self.plan(fixed_msb, fixed_lsb)) * self.h * self.w * self.C * n
         bar = progress_bar(steps, "sampling", "sub-pixel", disable=not progress)
 
@@ -134,8 +136,6 @@ class Cascade:
             part = {name: slices[rows] for name, slices in known.items()}
             return self.draw(seeds[rows], part, fixed_msb, fixed_lsb, frames, temperature, method, progress)
 
-        if method in ("fast", "native"):
-            native.usable(self.device, torch.float32)  # build or load the C++ sampler here, not in each process
         drawn = in_processes(share, torch.arange(n), bar, self.device, workers)
         out = (torch.cat([images for images, _, _ in drawn]), torch.cat([log_prob for _, log_prob, _ in drawn]),
                [torch.cat(frame) for frame in zip(*(pictures for _, _, pictures in drawn))])

@@ -54,7 +54,7 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
         return [job(items, progress)]
     shares = [items[len(items) * i // parts: len(items) * (i + 1) // parts] for i in range(parts)]
     context = multiprocessing.get_context("fork")
-    done, results = context.Value("q", 0), context.Queue()
+    done, results, outputs = context.Value("q", 0), context.Queue(), {}
     threads, own_threads = max(1, torch.get_num_threads() // parts), torch.get_num_threads()
     children = [context.Process(target=_child, args=(job, i, shares[i], done, threads, results), daemon=True)
                 for i in range(1, parts)]
@@ -66,12 +66,12 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
                 child.start()
         torch.set_num_threads(threads)
         try:
-            shares = {0: job(shares[0], _Counter(done, progress))}
+            outputs[0] = job(shares[0], _Counter(done, progress))
         finally:
             torch.set_num_threads(own_threads)
-        while len(shares) < parts:
+        while len(outputs) < parts:
             try:
-                i, error, share = results.get(timeout=0.1)
+                i, error, output = results.get(timeout=0.1)
             except queue.Empty:
                 dead = [child.exitcode for child in children if child.exitcode not in (None, 0)]
                 if dead:
@@ -79,12 +79,12 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
             else:
                 if error is not None:
                     raise error
-                shares[i] = torch.load(io.BytesIO(share), weights_only=True)
+                outputs[i] = torch.load(io.BytesIO(output), weights_only=True)
             progress.update(done.value - progress.n)
-        return [shares[i] for i in range(parts)]
+        return [outputs[i] for i in range(parts)]
     finally:
         for i, child in enumerate(children, start=1):
-            if i in shares:  # done, and exiting: the kernel's teardown of its memory takes ~15 ms,
+            if i in outputs:  # done, and exiting: the kernel's teardown of its memory takes ~15 ms,
                 threading.Thread(target=child.join, daemon=True).start()  # so it is reaped meanwhile
             elif child.pid is not None:
                 child.terminate()

@@ -5,7 +5,7 @@ ninja the first time it is needed (about 25 s; `make install` does it ahead of u
 the library in torch's extension cache (TORCH_EXTENSIONS_DIR, by default
 ~/.cache/torch_extensions), where later runs find it in a fraction of a second; it rebuilds
 when the source changes. Where it cannot be built (no compiler), sampling keeps to the Python
-step (`IncrementalDecoder`) after one note on stderr.
+step (`IncrementalDecoder`) after a note on stderr saying why.
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ VECTOR_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx5
 @functools.cache
 def load():
     """The compiled module (its one function: `sample_slice`), or None where it cannot be built,
-    after one line on stderr saying why. Set SPN_NATIVE=0 to skip it (the Python step is used)."""
+    after a line on stderr saying why. Set SPN_NATIVE=0 to skip it (the Python step is used)."""
     if os.environ.get("SPN_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CXX", "c++")  # what torch builds with
+    compiler = os.environ.get("CXX", "c++")  # what torch builds with: one command, no arguments
     if not shutil.which(compiler):
         return _not_built(f"no C++ compiler: {compiler} is not on PATH")
     level = torch.backends.cpu.get_cpu_capability()

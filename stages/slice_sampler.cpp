@@ -97,6 +97,7 @@ std::tuple<Tensor, Tensor> sample_slice(const Tensor& embedding, const Tensor& i
   int64_t* out = drawn.data_ptr<int64_t>();
   float* total = log_prob.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
+    if (PyErr_CheckSignals() != 0) throw pybind11::error_already_set();  // Ctrl+C: KeyboardInterrupt now
     float* row = x.data_ptr<float>();  // x = embedding of the previous value + the input term of t
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < W; ++i) row[b * W + i] = table[previous[b] * W + i] + input[(b * T + t) * W + i];

@@ -53,6 +53,17 @@ def test_an_error_in_a_process_is_raised_here():
         in_processes(fails, range(2), progress_bar(disable=True), workers=2)
 
 
+def fails_here(items, counter):
+    if items[0] == 0:
+        raise KeyboardInterrupt  # Ctrl+C while this process draws its own share
+    return torch.zeros(1)
+
+
+def test_an_interrupt_in_the_share_run_here_is_raised_as_it_is():
+    with pytest.raises(KeyboardInterrupt):
+        in_processes(fails_here, torch.arange(4), progress_bar(disable=True), workers=2)
+
+
 def torch_threads(items, counter):
     return torch.tensor([torch.get_num_threads(), multiprocessing.current_process().pid])
 

@@ -1,4 +1,8 @@
 """Causality, the Monte-Carlo estimator, cached decoding and the paper-sized configs."""
+import os
+import subprocess
+import time
+
 import pytest
 import torch
 
@@ -6,6 +10,7 @@ from conftest import make_stages
 from data.transforms import to_sequence
 from pipeline.config import load_experiment
 from stages import STAGES
+from stages.networks import DecoderConfig, SliceDecoder
 
 
 def slice_logits(stage, known, k):
@@ -167,6 +172,23 @@ def test_the_cpp_sampler_draws_what_the_reference_draws(name, channels, temperat
                                                       method=method) for method in ("native", "cached"))
         assert torch.equal(native[0], reference[0])
         assert torch.allclose(native[1], reference[1], atol=1e-4)
+
+
+def test_ctrl_c_stops_the_cpp_sampler_within_a_step():
+    """The C++ loop checks for signals at every step: Ctrl+C does not wait for the slice to end."""
+    torch.manual_seed(0)
+    decoder = SliceDecoder(DecoderConfig(n_values=256, slice_shape=(32, 32, 3), width=32, layers=2, heads=2)).eval()
+    with torch.no_grad():
+        decoder.sample(1, method="native")  # built and loaded
+        start = time.perf_counter()
+        decoder.sample(24, method="native")
+        whole = time.perf_counter() - start  # seconds for the slice, about 3 here
+        killer = subprocess.Popen(["sh", "-c", f"sleep {whole / 10:.3f}; kill -INT {os.getpid()}"])  # as a terminal does
+        start = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            decoder.sample(24, method="native")
+        assert time.perf_counter() - start < whole / 2
+        killer.wait()
 
 
 def test_without_a_compiler_sampling_keeps_to_the_python_step(monkeypatch, capsys):
