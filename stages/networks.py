@@ -222,8 +222,8 @@ class SliceDecoder(nn.Module):
         if method == "fast":
             method = "native" if native.usable(device, self.position.dtype) else "incremental"
         if method == "native":
-            values, log_prob = native.sample_slice(IncrementalDecoder(self, context, batch), self.start_token,
-                                                   noise, temperature)
+            values, log_prob = native.sample_slice(IncrementalDecoder(self, context, batch, cache=False),
+                                                   self.start_token, noise, temperature)
             if progress is not None:
                 progress.update(batch * self.cfg.length)
             return values, log_prob
@@ -275,10 +275,12 @@ class IncrementalDecoder:
     values (B*H, T, head_dim), so that the attention of the one new query is two `torch.bmm`
     calls on slices of the cache. Same results as `SliceDecoder.step` up to float rounding; a
     test holds the two to identical samples. Source: the standard KV-cached transformer decoding.
+    `cache=False` sets up the weights and input terms only, for the C++ loop (`stages.native`),
+    which keeps its own cache.
     """
 
     @torch.no_grad()
-    def __init__(self, decoder: SliceDecoder, context: torch.Tensor | None, batch: int):
+    def __init__(self, decoder: SliceDecoder, context: torch.Tensor | None, batch: int, cache: bool = True):
         cfg = decoder.cfg
         self.batch, self.heads, self.width = batch, cfg.heads, cfg.width
         self.head_dim = head_dim = cfg.width // cfg.heads
@@ -288,6 +290,7 @@ class IncrementalDecoder:
         self.inputs = inputs.contiguous()  # (B, T, W)
         self.embedding = decoder.value_embedding.weight
         self.layers = []
+        key_shape, value_shape = (batch * cfg.heads, head_dim, cfg.length), (batch * cfg.heads, cfg.length, head_dim)
         for block in decoder.blocks:
             attention, mlp = block.attention, block.mlp
             weight, bias = attention.qkv.weight.clone(), attention.qkv.bias.clone()  # rows (three, H, head_dim)
@@ -300,8 +303,8 @@ class IncrementalDecoder:
                 proj=(attention.proj.bias, attention.proj.weight.t().contiguous()),
                 norm2=(block.norm2.weight, block.norm2.bias, block.norm2.eps),
                 up=(mlp[0].bias, mlp[0].weight.t().contiguous()), down=(mlp[2].bias, mlp[2].weight.t().contiguous()),
-                keys=torch.zeros(batch * cfg.heads, head_dim, cfg.length, device=device, dtype=dtype),
-                values=torch.zeros(batch * cfg.heads, cfg.length, head_dim, device=device, dtype=dtype)))
+                keys=torch.zeros(key_shape, device=device, dtype=dtype) if cache else None,
+                values=torch.zeros(value_shape, device=device, dtype=dtype) if cache else None))
         self.norm = (decoder.norm.weight, decoder.norm.bias, decoder.norm.eps)
         self.head = (decoder.head.bias, decoder.head.weight.t().contiguous())
 
