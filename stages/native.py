@@ -1,11 +1,12 @@
-"""The C++ slice sampler (`stages/slice_sampler.cpp`): built once per machine, then loaded.
+"""The project's C++ code, built once per machine and then loaded: the slice sampler
+(`stages/slice_sampler.cpp`) here, and any other extension through `build_extension`.
 
-`torch.utils.cpp_extension.load` compiles the C++ file with this machine's C++ compiler and
-ninja the first time it is needed (about 25 s; `make install` does it ahead of use) and keeps
-the library in torch's extension cache (TORCH_EXTENSIONS_DIR, by default
-~/.cache/torch_extensions), where later runs find it in a fraction of a second; it rebuilds
-when the source changes. Where it cannot be built (no compiler), sampling keeps to the Python
-step (`IncrementalDecoder`) after a note on stderr saying why.
+`torch.utils.cpp_extension.load` compiles a C++ file with this machine's C++ compiler and
+ninja the first time it is needed (`make install` does it ahead of use) and keeps the library
+in torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), where
+later runs find it in a fraction of a second; it rebuilds when the source changes. Where it
+cannot be built (no compiler), the caller keeps to its Python code after a note on stderr
+saying why.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 SOURCE = Path(__file__).with_name("slice_sampler.cpp")
 
@@ -28,48 +30,74 @@ VECTOR_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx5
                 "AVX2": ["-mavx2", "-mfma"]}
 
 
-@functools.cache
-def load():
-    """The compiled module (its one function: `sample_slice`), or None where it cannot be built,
-    after a line on stderr saying why. Set SPN_NATIVE=0 to skip it (the Python step is used)."""
-    if os.environ.get("SPN_NATIVE", "1") == "0":
-        return None
+def build_folder(name: str) -> Path:
+    """The folder of torch's extension cache that holds the build of the module `name`."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: the folder torch itself picks
+        return Path(_get_build_directory(name, False))
+    except Exception:  # noqa: BLE001 - the same rule, for a torch without the helper
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions" / \
+            f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+        return Path(root) / name
+
+
+def build_extension(name: str, source: str | Path, flags=(), what: str | None = None,
+                    instead: str = "the Python code is used instead"):
+    """Build (once) and load the C++ file `source` as the module `<name>_<CPU level>`, compiled with
+    `flags` and the vector instructions of this CPU (VECTOR_FLAGS). Returns the module, or None where
+    it cannot be built, after one note on stderr: "`what` could not be built (the reason); `instead`".
+
+    Processes building or loading one module take turns (a lock file beside its build folder, which
+    the system releases when its holder dies, even by `kill -9`); holding it, the `lock` file that
+    torch leaves in the folder when a build is killed, and on which torch would wait forever, is removed.
+    """
+    what = what or f"the C++ code of {Path(source).name}"
     compiler = os.environ.get("CXX", "c++")  # what torch builds with: one command, no arguments
     if not shutil.which(compiler):
-        return _not_built(f"no C++ compiler: {compiler} is not on PATH")
+        return _not_built(what, f"no C++ compiler: {compiler} is not on PATH", instead)
     level = torch.backends.cpu.get_cpu_capability()
-    name = f"spn_slice_sampler_{level.lower()}"
-    if not _built(name):
-        print("note: building the C++ slice sampler for this machine, once (about 25 s)", file=sys.stderr)
+    name = f"{name}_{level.lower()}"
+    folder = build_folder(name)
+    lock = FileLock(f"{folder}.lock")
     logger = logging.getLogger("torch.utils.cpp_extension")
     logger_level = logger.level
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"note: another process is building {what}; waiting for it", file=sys.stderr)
+            lock.acquire()
+        (folder / "lock").unlink(missing_ok=True)  # torch's, left by a build that was killed: none runs now
+        if not any(folder.glob("*.so")):
+            print(f"note: building {what} for this machine (once; this can take a minute)", file=sys.stderr)
         from torch.utils import cpp_extension
         with warnings.catch_warnings():  # torch's warnings about the compiler: the build's outcome says enough
             warnings.simplefilter("ignore")
             logger.setLevel(logging.ERROR)
-            return cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", *VECTOR_FLAGS.get(level, [])],
-                                      verbose=False)
+            return cpp_extension.load(name, [str(source)], extra_cflags=["-O3", *flags, *VECTOR_FLAGS.get(level, [])],
+                                      build_directory=str(folder), verbose=False)
     except Exception as error:  # no ninja, a failed build: all mean the same to a user
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        return _not_built(next((line for line in lines if "error:" in line), lines[0])[:160])  # the compiler's
+        return _not_built(what, next((line for line in lines if "error:" in line), lines[0])[:160], instead)
     finally:
         logger.setLevel(logger_level)
+        if lock.is_locked:
+            lock.release()
 
 
-def _not_built(reason: str) -> None:
-    print(f"note: the C++ slice sampler could not be built ({reason}); sampling uses the Python step, "
-          "about 1.5x slower", file=sys.stderr)
+def _not_built(what: str, reason: str, instead: str) -> None:
+    print(f"note: {what} could not be built ({reason}); {instead}", file=sys.stderr)
 
 
-def _built(name: str) -> bool:
-    """Whether torch's extension cache holds a build of `name` (then loading takes well under a
-    second). It asks a private helper of torch's for the folder: if that goes, it says True."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-        return any(Path(_get_build_directory(name, False)).glob("*.so"))
-    except Exception:  # noqa: BLE001 - only the note depends on it
-        return True
+@functools.cache
+def load():
+    """The compiled slice sampler (its one function: `sample_slice`), or None where it cannot be
+    built, after a line on stderr saying why. Set SPN_NATIVE=0 to skip it (the Python step is used)."""
+    if os.environ.get("SPN_NATIVE", "1") == "0":
+        return None
+    return build_extension("spn_slice_sampler", SOURCE, what="the C++ slice sampler",
+                           instead="sampling uses the Python step, about 1.5x slower")
 
 
 def usable(device, dtype) -> bool:
