@@ -10,6 +10,9 @@ decoded here into 8-bit grey or RGB pixels the same way.
 * Palette, GIF, CMYK, bilevel, ... images are converted to the model's channels: grey (1)
   or RGB (3).
 * Pillow's decompression-bomb limit stays: an image above it is "too large".
+* A file of several frames (an animated GIF, PNG or WebP, a multi-page TIFF) is refused as
+  "multi-frame": which frame is meant is the user's to say. A camera's MPO JPEG, whose further
+  frames are previews or depth maps of the one photograph, is read as its first frame.
 
 Errors are `ImageError` (a ValueError) with one line saying what is wrong.
 """
@@ -25,7 +28,7 @@ REFUSE = "refuse"
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; `reason` is 'unreadable', 'too large' or 'transparent'."""
+    """An image that cannot be used; `reason` is 'unreadable', 'too large', 'multi-frame' or 'transparent'."""
 
     def __init__(self, message: str, reason: str = "unreadable"):
         super().__init__(message)
@@ -34,7 +37,7 @@ class ImageError(ValueError):
 
 def open_image(source) -> Image.Image:
     """A path, bytes, a {'bytes', 'path'} dict (a `datasets` image cell), an array or a PIL image ->
-    a fully decoded PIL image, upright. Raises ImageError."""
+    a fully decoded PIL image, upright. Raises ImageError, also for a file of several frames."""
     try:
         if isinstance(source, Image.Image):
             image = source
@@ -47,6 +50,10 @@ def open_image(source) -> Image.Image:
         else:
             array = np.asarray(source)
             image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1 and image.format != "MPO":
+            raise ImageError(f"it has {frames} frames (an animation or a multi-page file): give one image per file, "
+                             f"e.g. each frame saved as a PNG of its own", "multi-frame")
         image.load()
         return ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as error:
@@ -107,7 +114,7 @@ def to_channels(image: Image.Image, channels: int) -> Image.Image:
 def decode(source, channels: int, background: str = "white") -> tuple[Image.Image, bool]:
     """Decode one image (see `open_image` for the sources) into a PIL image of mode L (channels 1)
     or RGB (3), and whether it had transparent pixels (composited onto `background`).
-    Raises ImageError (unreadable, too large, or transparent and refused)."""
+    Raises ImageError (unreadable, too large, multi-frame, or transparent and refused)."""
     image = to_8bit(open_image(source))
     transparent = has_transparency(image) and image.convert("RGBA").getextrema()[3][0] < 255
     return to_channels(composite(image, background), channels), transparent

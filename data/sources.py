@@ -158,7 +158,7 @@ def load_generic(source: dict) -> datasets.DatasetDict:
 def decode_column(ds: datasets.Dataset, column: str, channels: int, size: tuple[int, int] | None,
                   name: str, background: str = "white") -> datasets.Dataset:
     """Decode, convert and (centre crop +) resize one split with `data.images`; images that cannot be
-    used (unreadable, too large, transparent and refused) are dropped and counted in one warning,
+    used (unreadable, too large, multi-frame, transparent and refused) are dropped and counted in one warning,
     and so are the transparent ones composited onto the background."""
     if column not in ds.column_names:
         raise ValueError(f"source has no column {column!r} (columns: {', '.join(ds.column_names)}); "
@@ -182,7 +182,9 @@ def decode_column(ds: datasets.Dataset, column: str, channels: int, size: tuple[
                 image, transparent = decode(item, channels, background)
                 images.append(fit(image, size))
                 status.append("transparent" if transparent else "ok")
-            except ImageError as error:
+            except ImageError as error:  # a multi-frame file too: skipped and counted like an unreadable one,
+                # not cut to its first frame: INPUT and IMAGES= refuse the same file, and which frame (if any)
+                # is the training image is not the reader's to guess
                 images.append(np.zeros((*size, channels), np.uint8))
                 status.append(error.reason)
         return {"image": np.stack(images), "_status": status}

@@ -145,3 +145,52 @@ def test_an_empty_or_missing_input_is_a_clear_error(tmp_path):
         read_images("", 1)
     with pytest.raises(FileNotFoundError, match="a folder of images, or an .npz"):
         read_images(tmp_path / "nope", 1)
+
+
+def several_frames(fmt: str, count: int) -> bytes:
+    """An animation or a multi-page file of `count` different 8 x 8 grey frames."""
+    frames = [Image.fromarray(np.full((8, 8), 10 + 100 * i, np.uint8)).convert("RGB" if fmt == "MPO" else "L")
+              for i in range(count)]
+    return saved(frames[0], fmt, save_all=True, append_images=frames[1:])
+
+
+@pytest.mark.parametrize("fmt, count", [("GIF", 3), ("TIFF", 2), ("PNG", 3), ("WEBP", 3)])
+def test_a_file_of_several_frames_is_refused_naming_the_count(fmt, count):
+    with pytest.raises(ImageError, match=f"it has {count} frames") as error:
+        decode(several_frames(fmt, count), 1)
+    assert error.value.reason == "multi-frame"
+
+
+def test_a_cameras_mpo_photograph_is_its_first_frame():
+    assert pixels(several_frames("MPO", 2))[..., 0].mean() == pytest.approx(10, abs=2)
+
+
+@pytest.mark.parametrize("command", ["compress", "evaluate", "upscale"])
+def test_commands_refuse_a_multi_frame_input_in_one_line(tmp_path, capsys, command):
+    geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "plain.png").write_bytes(saved(Image.new("L", (8, 8), 100)))
+    (folder / "moving.gif").write_bytes(several_frames("GIF", 3))
+    given = {"compress": ["--input", str(folder), "--out", str(tmp_path / "x.spn")],
+             "evaluate": ["--images", str(folder)], "upscale": ["--input", str(folder / "moving.gif")]}[command]
+    code = cli([command, "--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run"), *given])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: cannot use {folder / 'moving.gif'}: it has 3 frames") and "one image per file" in err
+    assert not (tmp_path / "x.spn").exists() and not (tmp_path / "run" / "eval.json").exists()
+
+
+def test_a_source_skips_and_counts_multi_frame_files(tmp_path, caplog):
+    train = tmp_path / "images" / "train"
+    train.mkdir(parents=True)
+    for i in range(6):
+        (train / f"plain{i}.png").write_bytes(saved(Image.new("L", (8, 8), 100 + i)))
+    (train / "moving.gif").write_bytes(several_frames("GIF", 3))
+    with caplog.at_level("WARNING"):
+        path = prepare({"kind": "imagefolder", "path": str(tmp_path / "images")}, channels=1, image_size=(8, 8),
+                       val_size=0.34, cache_dir=tmp_path / "cache")
+    splits = datasets.load_from_disk(str(path))
+    assert sum(len(splits[s]) for s in ("train", "val", "test")) == 6
+    assert "skipped 1 unusable images" in caplog.text and "1 multi-frame" in caplog.text
