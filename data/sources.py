@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from glob import glob
 from pathlib import Path
@@ -64,14 +65,20 @@ def image_features(height: int, width: int, channels: int) -> datasets.Features:
 # ---------------------------------------------------------------- built-in sources
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (gzipped or not) of uint8 images -> (N, rows, cols) array."""
+    """An IDX file (gzipped or not) of uint8 images -> (N, rows, cols) array. Raises ValueError in one
+    line for a file that is not one, or not whole."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    magic, count, rows, cols = np.frombuffer(raw[:16], dtype=">u4")
-    if magic != 0x803:
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        magic, count, rows, cols = np.frombuffer(raw[:16], dtype=">u4")
+        images = np.frombuffer(raw[16:], dtype=np.uint8).reshape(count, rows, cols) if magic == 0x803 else None
+    except (EOFError, gzip.BadGzipFile, zlib.error, ValueError) as error:  # cut short, or not gzip at all
+        raise ValueError(f"{path} is not a whole IDX image file ({type(error).__name__}: {error}); "
+                         f"reinstall {FASHION_MNIST_PACKAGE}") from error
+    if images is None:
         raise ValueError(f"{path} is not an IDX image file (magic {magic:#x}); reinstall {FASHION_MNIST_PACKAGE}")
-    return np.frombuffer(raw[16:], dtype=np.uint8).reshape(count, rows, cols)
+    return images
 
 
 def install_fashion_mnist() -> bool:

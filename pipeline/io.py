@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import sys
+import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -95,6 +97,27 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def read_npz_images(path: Path) -> np.ndarray:
+    """The `images` array of an .npz file. Raises ValueError in one line for a file that is not a whole
+    .npz (cut short, empty, another format) or whose arrays only unpickling would read (never done here)."""
+    remedy = "give an .npz written by numpy.savez with a uint8 'images' array (N, H, W, C), or a folder of images"
+    try:
+        archive = np.load(path)  # allow_pickle=False: a file from elsewhere cannot run code
+        if isinstance(archive, np.lib.npyio.NpzFile):
+            with archive:
+                images = archive["images"] if "images" in archive.files else None
+                names = archive.files
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError) as error:  # ValueError: pickled data
+        reason = str(error).split(". ")[0]  # numpy's first sentence; its advice to unpickle is not ours
+        raise ValueError(f"cannot read {path}: not a whole .npz file of arrays ({type(error).__name__}: {reason}); "
+                         f"{remedy}") from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"cannot read {path}: it holds one unnamed array (an .npy file), not an .npz; {remedy}")
+    if images is None:
+        raise ValueError(f"{path} has no 'images' array (it has {', '.join(names) or 'none'}); {remedy}")
+    return images
+
+
 def read_images(path: str | Path, channels: int, background: str = "white") -> np.ndarray:
     """An .npz with `images` (N, H, W, C) uint8, a single image, or a folder of images -> (N, H, W, C).
     Raises ValueError when no path is given or the images are unusable, FileNotFoundError when missing."""
@@ -112,10 +135,7 @@ def read_images(path: str | Path, channels: int, background: str = "white") -> n
     if path.suffix == ".npz":
         if not path.is_file():
             raise FileNotFoundError(f"no file {path}: give IMAGES=<.npz with an 'images' array, or a folder>")
-        with np.load(path) as archive:
-            if "images" not in archive:
-                raise ValueError(f"{path} has no 'images' array (it has {', '.join(archive.files)})")
-            images = archive["images"]
+        images = read_npz_images(path)
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4 or images.dtype != np.uint8:

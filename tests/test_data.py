@@ -255,3 +255,24 @@ def test_streaming_parquet_shards_split_across_processes(tmp_path):
         assert len(next(iter(data.train_dataloader()))["image"]) == 4
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24  # the test split (no val): each image once
     assert data.splits is None  # nothing prepared on disk
+
+
+def read_idx_whole(raw: bytes, folder):
+    from data.sources import read_idx
+
+    (folder / "whole.gz").write_bytes(gzip.compress(raw))
+    return read_idx(folder / "whole.gz")
+
+
+@pytest.mark.parametrize("cut", [10, 500])
+def test_a_truncated_idx_file_is_one_line(tmp_path, cut):
+    from data.sources import read_idx
+
+    pixels = np.random.default_rng(0).integers(0, 256, 4 * 28 * 28, dtype=np.uint8)
+    raw = np.array([0x803, 4, 28, 28], ">u4").tobytes() + pixels.tobytes()  # 4 images of 28 x 28
+    assert read_idx_whole(raw, tmp_path).shape == (4, 28, 28)
+    (tmp_path / "images-idx3-ubyte").write_bytes(raw[:cut])
+    (tmp_path / "images-idx3-ubyte.gz").write_bytes(gzip.compress(raw)[:cut])
+    for name in ("images-idx3-ubyte", "images-idx3-ubyte.gz"):
+        with pytest.raises(ValueError, match="not a whole IDX image file .*reinstall dataset-fashion-mnist"):
+            read_idx(tmp_path / name)

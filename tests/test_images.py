@@ -194,3 +194,30 @@ def test_a_source_skips_and_counts_multi_frame_files(tmp_path, caplog):
     splits = datasets.load_from_disk(str(path))
     assert sum(len(splits[s]) for s in ("train", "val", "test")) == 6
     assert "skipped 1 unusable images" in caplog.text and "1 multi-frame" in caplog.text
+
+
+def broken_npz(path, kind: str) -> None:
+    """An .npz that numpy cannot read as arrays: cut short, empty, another file, pickled objects, an .npy."""
+    whole = io.BytesIO()
+    np.savez_compressed(whole, images=np.zeros((50, 8, 8, 1), np.uint8))
+    if kind == "pickled":
+        np.savez(path, images=np.array([{"pixels": 1}, None], dtype=object))
+    elif kind == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros((2, 8, 8, 1), np.uint8))
+    else:
+        path.write_bytes({"cut": whole.getvalue()[:len(whole.getvalue()) // 2], "empty": b"",
+                          "text": b"name,value\nx,1\n"}[kind])
+
+
+@pytest.mark.parametrize("kind", ["cut", "empty", "text", "pickled", "npy"])
+def test_an_npz_that_is_not_whole_is_one_line(tmp_path, capsys, kind):
+    geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    broken_npz(tmp_path / "images.npz", kind)
+    code = cli(["evaluate", "--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run"),
+                "--images", str(tmp_path / "images.npz")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: cannot read {tmp_path / 'images.npz'}: ") and "numpy.savez" in err
+    assert not (tmp_path / "run" / "eval.json").exists()
