@@ -6,22 +6,27 @@ autoregressive model needs).
 An exact likelihood is a file size: coding x costs -log2 p(x) bits plus the quantisation of
 the probabilities to the coder's fixed point and a few bytes of framing.
 
-The encoder and the decoder must see bit-identical probabilities, so both compute them
-through one function, `code_chunk`: the cached decoding step (`IncrementalDecoder`), fed the
-true values on the encoder's side and the decoded ones on the decoder's side, on chunks of
-`chunk` images whose size is stored in the file (the last chunk padded with zero images that
-are computed but not coded), on one intra-op thread. The batch size and thread count of the
-caller therefore play no part. The chunks are independent, so both sides code them in forked
-processes side by side (`pipeline.processes`), one thread each. A float computation can still
-differ between CPU kinds or library versions; the decoder then notices it from the checksum of
-the images and refuses.
+The encoder and the decoder must see bit-identical probabilities, on any machine: both compute
+them through one function, `code_chunk`, in the pinned float arithmetic of `stages.canonical`
+(fixed order of every sum, correctly rounded IEEE-754 operations only, no fused multiply-add),
+which gives the same bits on every CPU kind whatever its vector instructions, thread count or
+BLAS; fed the true values on the encoder's side and the decoded ones on the decoder's side, on
+chunks of `chunk` images whose size is stored in the file (the last chunk padded with zero images
+that are computed but not coded). The chunks are independent, so both sides code them in forked
+processes side by side (`pipeline.processes`); the bytes are the same for any number.
+
+Before any work the decoder recomputes a probe (the probabilities of a few fixed steps of every
+stage) and refuses the file in one line if its digest differs from the stored one; after each
+chunk it compares the chunk's CRC-32, so a decode that went astray stops at its first chunk.
 
 Container (all integers little-endian):
 
     b"SPNC" | version u8 | H u16 | W u16 | C u8 | bits u8 | high bits u8 | S u8 | N u32 | chunk u16
     | model digest (32 bytes, SHA-256 of every stage's hyperparameters and weights)
+    | probe digest (8 bytes, SHA-256 of the pinned probabilities of `probe`)
     | image digest (16 bytes, SHA-256 of the n-bit images) | names length u32 | names (zlib, JSON)
-    | one u32 word count per chunk | the chunks' range-coded words (u32 each) | CRC-32 of all before, u32
+    | per chunk: u32 word count, u32 CRC-32 of its n-bit images (uint8) | the chunks' range-coded words (u32 each)
+    | CRC-32 of all before, u32
 """
 from __future__ import annotations
 
@@ -30,7 +35,6 @@ import hashlib
 import json
 import struct
 import zlib
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -39,10 +43,10 @@ from data.transforms import from_sequence, from_slices, merge_depth, to_sequence
 from pipeline.checkpoints import weights_digest
 from pipeline.processes import in_processes
 from pipeline.progress import progress_bar
-from stages.networks import IncrementalDecoder, log_probs
+from stages import canonical
 
 MAGIC = b"SPNC"
-VERSION = 2  # 2: IncrementalDecoder computes in another order (bmm attention), so its floats differ from 1's
+VERSION = 3  # 3: probabilities in the pinned arithmetic of stages/canonical.cpp, a probe digest, chunk CRCs
 HEAD = struct.Struct("<4sBHHBBBBIH")
 CHUNK = 16  # images coded together (stored in the file; the decoder follows the file)
 
@@ -77,28 +81,14 @@ def valid_names(names) -> bool:
         and len(name.encode("utf-8", "surrogatepass")) <= 250 for name in names)
 
 
-@contextmanager
-def one_thread():
-    """The probabilities are computed on one intra-op thread, whatever the caller set."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def probabilities(log_p: torch.Tensor) -> np.ndarray:
-    """(B, V) log-probabilities -> float64 probabilities for the coder (it quantises them itself)."""
-    return log_p.double().exp().numpy()
-
-
 @torch.no_grad()
 def code_chunk(cascade, images: torch.Tensor | None, real: int, coder, encode: bool) -> torch.Tensor:
-    """Encode (`encode`, images given) or decode one chunk of CHUNK images through `coder`.
+    """Encode (`encode`, images given) or decode one chunk of CHUNK images through `coder`, with the
+    probabilities of `stages.canonical`.
 
     images: n-bit (CHUNK, H, W, C) when encoding (rows >= real are padding, not coded), else None.
-    Returns the chunk's n-bit images (CHUNK, H, W, C).
+    Returns the chunk's n-bit images (CHUNK, H, W, C). A stream that does not decode under these
+    probabilities raises CodecError.
     """
     import constriction
 
@@ -110,23 +100,50 @@ def code_chunk(cascade, images: torch.Tensor | None, real: int, coder, encode: b
     for stage_name, part, k in cascade.plan():
         stage = cascade.stages[stage_name]
         decoder = stage.decoder
-        step = IncrementalDecoder(decoder, stage.context(known, torch.full((chunk,), k)), chunk)
+        step = canonical.Decoder(decoder, canonical.context(stage, known, torch.full((chunk,), k)), chunk)
         values = torch.zeros(chunk, decoder.cfg.length, dtype=torch.long)
         target = to_sequence(truth[part][:, k]) if encode else None  # (chunk, T)
         previous = torch.full((chunk,), decoder.start_token, dtype=torch.long)
         for t in range(decoder.cfg.length):
-            log_p = log_probs(step.step(previous, t))  # (chunk, V)
-            p = probabilities(log_p[:real])
+            p = step.step(previous, t)[:real].numpy()  # (real, V) float64
             if encode:
                 symbols = target[:, t]
                 coder.encode(symbols[:real].numpy().astype(np.int32), model, p)
             else:
                 symbols = torch.zeros(chunk, dtype=torch.long)
-                symbols[:real] = torch.from_numpy(coder.decode(model, p).astype(np.int64))
+                try:
+                    symbols[:real] = torch.from_numpy(coder.decode(model, p).astype(np.int64))
+                except (AssertionError, ValueError, RuntimeError) as error:  # constriction's word for a bad stream
+                    raise CodecError(f"the coded data does not decode ({' '.join(str(error).split())[:120]})") \
+                        from error
             values[:, t] = previous = symbols
         known[part][:, k] = from_sequence(values, cascade.h, cascade.w)
     return merge_depth(from_slices(known["msb"], cascade.S), from_slices(known["lsb"], cascade.S),
                        cascade.bits, cascade.high_bits)
+
+
+@torch.no_grad()
+def probe(cascade) -> bytes:
+    """8 bytes: SHA-256 of the pinned probabilities of the first steps of every stage of the cascade on
+    a fixed input (zero images). Equal on two machines if and only if their pinned arithmetic agrees
+    (up to a hash collision) on this input; the decoder checks it before any work."""
+    digest = hashlib.sha256()
+    shape = (1, cascade.S**2, cascade.h, cascade.w, cascade.C)
+    known = {"msb": torch.zeros(shape, dtype=torch.long), "lsb": torch.zeros(shape, dtype=torch.long)}
+    for stage_name in sorted(cascade.stages):
+        stage = cascade.stages[stage_name]
+        k = torch.tensor(stage.modelled_slices()[-1:])
+        step = canonical.Decoder(stage.decoder, canonical.context(stage, known, k), 1)
+        previous = torch.tensor([stage.decoder.start_token])
+        for t in range(min(4, stage.decoder.cfg.length)):
+            digest.update(step.step(previous, t).numpy().tobytes())
+            previous = torch.tensor([t % stage.decoder.cfg.n_values])
+    return digest.digest()[:8]
+
+
+def chunk_crc(images: torch.Tensor) -> int:
+    """CRC-32 of a chunk's n-bit images (as uint8)."""
+    return zlib.crc32(images.to(torch.uint8).contiguous().numpy().tobytes())
 
 
 def compress(cascade, images: torch.Tensor, names: list[str] | None = None, progress: bool = False,
@@ -141,6 +158,7 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
     """
     import constriction
 
+    canonical.load()  # CanonicalUnavailable (no C++ compiler) before any work
     cascade = on_cpu(cascade)
     images = torch.as_tensor(images).long().cpu()
     if images.dim() != 4 or tuple(images.shape[1:]) != cascade.shape:
@@ -152,15 +170,14 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
     n = len(images)
     def encode(starts, progress) -> list[bytes]:  # starts: the first image of each chunk of one process
         streams = []
-        with one_thread():
-            for start in starts:
-                real = min(CHUNK, n - start)
-                chunk = torch.zeros((CHUNK, *cascade.shape), dtype=torch.long)
-                chunk[:real] = images[start:start + real]
-                coder = constriction.stream.queue.RangeEncoder()
-                code_chunk(cascade, chunk, real, coder, encode=True)
-                streams.append(coder.get_compressed().astype("<u4").tobytes())
-                progress.update(real)
+        for start in starts:
+            real = min(CHUNK, n - start)
+            chunk = torch.zeros((CHUNK, *cascade.shape), dtype=torch.long)
+            chunk[:real] = images[start:start + real]
+            coder = constriction.stream.queue.RangeEncoder()
+            code_chunk(cascade, chunk, real, coder, encode=True)
+            streams.append(coder.get_compressed().astype("<u4").tobytes())
+            progress.update(real)
         return streams
 
     bar = progress_bar(n, "compressing", "image", disable=not progress)
@@ -171,8 +188,9 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
     body = b"".join([
         HEAD.pack(MAGIC, VERSION, cascade.height, cascade.width, cascade.C, cascade.bits, cascade.high_bits,
                   cascade.S, n, CHUNK),
-        model_digest(cascade), image_digest(images), struct.pack("<I", len(names_blob)), names_blob,
-        b"".join(struct.pack("<I", len(s) // 4) for s in streams), *streams])
+        model_digest(cascade), probe(cascade), image_digest(images), struct.pack("<I", len(names_blob)), names_blob,
+        b"".join(struct.pack("<II", len(stream) // 4, chunk_crc(images[start:start + CHUNK]))
+                 for stream, start in zip(streams, range(0, n, CHUNK))), *streams])
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -192,15 +210,16 @@ def read_header(data: bytes, cascade=None) -> dict:
     if n and not chunk:
         raise CodecError("the file's header is invalid (0 images per chunk); nothing was decoded")
     pos = HEAD.size
-    model, images_digest = data[pos:pos + 32], data[pos + 32:pos + 48]
+    model, probe_digest, images_digest = data[pos:pos + 32], data[pos + 32:pos + 40], data[pos + 40:pos + 56]
     try:
-        (names_length,) = struct.unpack_from("<I", data, pos + 48)
-        pos += 52
+        (names_length,) = struct.unpack_from("<I", data, pos + 56)
+        pos += 60
         names = json.loads(zlib.decompress(data[pos:pos + names_length]))
         pos += names_length
         chunks = -(-n // chunk) if n else 0
-        counts = struct.unpack_from(f"<{chunks}I", data, pos)
-        pos += 4 * chunks
+        table = struct.unpack_from(f"<{2 * chunks}I", data, pos)
+        counts, crcs = table[0::2], table[1::2]
+        pos += 8 * chunks
     except (struct.error, zlib.error, ValueError) as error:  # ValueError covers bad JSON and text
         raise CodecError(f"the file's header is invalid ({error}); nothing was decoded") from error
     if not valid_names(names) or (names and len(names) != n):
@@ -208,7 +227,8 @@ def read_header(data: bytes, cascade=None) -> dict:
     if pos + 4 * sum(counts) > len(body):
         raise CodecError("the file is shorter than its header says (truncated); nothing was decoded")
     header = dict(shape=(height, width, channels), bits=bits, high_bits=high_bits, subscale=subscale, n=n,
-                  chunk=chunk, model=model, images_digest=images_digest, names=names, counts=counts, start=pos)
+                  chunk=chunk, model=model, probe=probe_digest, images_digest=images_digest, names=names,
+                  counts=counts, crcs=crcs, start=pos)
     if cascade is not None:
         geometry = ((height, width, channels), bits, high_bits, subscale)
         if geometry != (cascade.shape, cascade.bits, cascade.high_bits, cascade.S) or model != model_digest(cascade):
@@ -217,33 +237,44 @@ def read_header(data: bytes, cascade=None) -> dict:
         if chunk != CHUNK:
             raise CodecError(f"the file codes {chunk} images at a time; this version codes {CHUNK}: "
                              f"decompress with the version that wrote it")
+        if probe(cascade) != probe_digest:
+            raise CodecError("this machine computes the codec's probabilities differently from the one that "
+                             "compressed the file (its C++ build does not keep IEEE-754 float32 arithmetic "
+                             "exactly, see stages/canonical.cpp); nothing was decoded")
     return header
 
 
 def decompress(cascade, data: bytes, progress: bool = False, workers: int | None = None
                ) -> tuple[torch.Tensor, list[str]]:
     """The n-bit images (N, H, W, C) long and their names from `compress`'s bytes, bit for bit.
-    Raises CodecError for another model, a damaged or truncated file, an unknown version, or
-    decoded images that do not match the stored digest (never garbage images)."""
+    Raises CodecError for another model, a damaged or truncated file, an unknown version, a machine
+    whose pinned arithmetic gives another probe digest (before any work), or a chunk that decodes to
+    other images than were encoded (at that chunk: never garbage images); CanonicalUnavailable where
+    the pinned arithmetic cannot be built."""
     import constriction
 
+    canonical.load()  # CanonicalUnavailable (no C++ compiler) before any work
     cascade = on_cpu(cascade)
     header = read_header(data, cascade)
     n, pos = header["n"], header["start"]
-    streams = []  # (first image, the chunk's words)
+    streams = []  # (first image, the chunk's words, its CRC-32)
     for index, start in enumerate(range(0, n, CHUNK)):
         words = header["counts"][index]
-        streams.append((start, np.frombuffer(data, dtype="<u4", count=words, offset=pos).astype(np.uint32)))
+        streams.append((start, np.frombuffer(data, dtype="<u4", count=words, offset=pos).astype(np.uint32),
+                        header["crcs"][index]))
         pos += 4 * words
 
-    def decode(chunks, progress) -> torch.Tensor:  # chunks: (first image, words) of one process's chunks
+    def decode(chunks, progress) -> torch.Tensor:  # chunks: (first image, words, CRC) of one process's chunks
         images = []
-        with one_thread():
-            for start, stream in chunks:
-                real = min(CHUNK, n - start)
-                coder = constriction.stream.queue.RangeDecoder(stream)
-                images.append(code_chunk(cascade, None, real, coder, encode=False)[:real])
-                progress.update(real)
+        for start, stream, crc in chunks:
+            real = min(CHUNK, n - start)
+            coder = constriction.stream.queue.RangeDecoder(stream)
+            images.append(code_chunk(cascade, None, real, coder, encode=False)[:real])
+            if chunk_crc(images[-1]) != crc:
+                raise CodecError(f"images {start} to {start + real - 1} decoded differently from how they were "
+                                 f"encoded (their CRC-32 differs); the file was altered, or this machine computes "
+                                 f"other probabilities: nothing was written")
+            progress.update(real)
         return torch.cat(images) if images else torch.zeros((0, *cascade.shape), dtype=torch.long)
 
     bar = progress_bar(n, "decompressing", "image", disable=not progress)
@@ -251,6 +282,5 @@ def decompress(cascade, data: bytes, progress: bool = False, workers: int | None
     bar.close()
     if image_digest(out) != header["images_digest"]:
         raise CodecError("the decoded images do not match the file's digest: the file was altered after "
-                         "compression, or the probabilities came out differently here (another CPU kind or "
-                         "library version than the one that compressed)")
+                         "compression; nothing was written")
     return out, header["names"]

@@ -3,6 +3,7 @@
 import math
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,80 @@ def test_neither_command_overwrites_and_both_want_input(tmp_path, capsys):
     for command in ("compress", "decompress"):  # INPUT is asked for first
         code = cli([command, *run, "--input", "", "--out", ""])
         assert code == 2 and "no input given" in capsys.readouterr().err
+
+
+def peaked_cascade():
+    """8 x 8 colour at 8 bits, b = n, with peaked outputs (make_stages): far from uniform, unlike the
+    coder's own floor, so a probability path that feeds the wrong value forward costs many bits."""
+    return Cascade(make_stages(image_size=8, channels=3, bits=8, high_bits=8, subscale=2))
+
+
+def test_the_file_costs_its_likelihood_on_a_peaked_model():
+    cascade = peaked_cascade()
+    images = cascade.sample(32, generator=torch.Generator().manual_seed(0))[0]  # 2 chunks
+    data = compress(cascade, images)
+    header = read_header(data)
+    streams = 8 * (len(data) - header["start"] - 4)
+    bits = model_bits(cascade, images)
+    assert bits < 0.2 * images.numel() * 8  # far from uniform's 8 bits per sub-pixel
+    flush = 64 * len(header["counts"])  # the range coder ends each chunk's stream with at most two words
+    assert abs(streams - bits) <= 0.01 * bits + flush, (streams, bits)
+
+
+def test_a_decode_that_goes_astray_stops_at_its_first_chunk(monkeypatch):
+    import pipeline.codec as codec
+    from stages import canonical
+
+    cascade = peaked_cascade()
+    images = cascade.sample(40, generator=torch.Generator().manual_seed(1))[0]  # 3 chunks
+    data = compress(cascade, images)
+    stored = read_header(data)["probe"]
+    chunks = []
+    code_chunk = codec.code_chunk
+    monkeypatch.setattr(codec, "code_chunk", lambda *args, **kw: chunks.append(1) or code_chunk(*args, **kw))
+    monkeypatch.setattr(codec, "probe", lambda cascade: stored)  # a machine whose probe agrees ...
+    step = canonical.Decoder.step
+    monkeypatch.setattr(canonical.Decoder, "step", lambda self, previous, t: step(self, previous, t).flip(-1))
+    with pytest.raises(CodecError, match="decoded differently|does not decode"):  # ... and whose steps do not
+        decompress(cascade, data, workers=1)
+    assert len(chunks) == 1
+
+
+def test_a_machine_whose_arithmetic_differs_is_refused_before_any_work(monkeypatch):
+    import pipeline.codec as codec
+
+    cascade = Cascade(make_stages(**GEOMETRIES[0]))
+    images = cascade.sample(4, generator=torch.Generator().manual_seed(3))[0]
+    data = bytearray(compress(cascade, images)[:-4])
+    start = codec.HEAD.size + 32  # the probe digest follows the model digest
+    data[start:start + 8] = bytes(8)
+    data = bytes(data) + struct.pack("<I", zlib.crc32(bytes(data)))
+    monkeypatch.setattr(codec, "code_chunk", lambda *args, **kw: pytest.fail("decoding started"))
+    with pytest.raises(CodecError, match="computes the codec's probabilities differently.*nothing was decoded"):
+        decompress(cascade, data)
+
+
+def test_a_file_decodes_bit_for_bit_under_other_cpu_kernels(tmp_path):
+    """Compress under torch's and MKL's kernels for CPUs without AVX (and the pinned module built without
+    vector flags), decompress under AVX2's (another build of it): the same images, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    geometry = dict(image_size=8, channels=3, bits=8, high_bits=8, subscale=2)
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    exp = str(experiment_file(tmp_path, geometry))
+    cascade = Cascade.load(tmp_path / "run", ["first_slice", "size_spn"], device="cpu")
+    pixels = to_8bit(cascade.sample(20, generator=torch.Generator().manual_seed(5))[0], 8).numpy()
+    save_npz(tmp_path / "in.npz", images=pixels)
+    levels = ["default", "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "default"]
+    root = Path(__file__).resolve().parents[1]
+    for level, command, source, out in ((levels[0], "compress", "in.npz", "x.spn"),
+                                        (levels[1], "decompress", "x.spn", "back.npz")):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": level, "MKL_ENABLE_INSTRUCTIONS": "SSE4_2" if level == "default"
+               else "AVX2", "WANDB_MODE": "disabled"}
+        done = subprocess.run([sys.executable, "-m", "pipeline", command, "--exp", exp, "--run-dir",
+                               str(tmp_path / "run"), "--input", str(tmp_path / source), "--out", str(tmp_path / out)],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "back.npz")["images"], pixels)
