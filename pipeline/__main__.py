@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
+
+from pipeline import Terminated, WorkerFailed
 
 
 def positive_int(text: str) -> int:
@@ -63,8 +66,26 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
+def terminate(signum, frame):
+    """SIGTERM (a scheduler, `timeout`, a closing shell): stop as on Ctrl+C; a second SIGTERM ends at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return run(argv)
+    except Terminated:
+        print("terminated (SIGTERM)" + ("; make the same target again to resume" if argv[:1] == ["train"] else ""),
+              file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(argv) -> int:
     if not sys.stderr.isatty():  # a log file: no redrawn progress bars from `datasets`
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # LightningCLI overrides start with "--" too: everything after the known flags is theirs
@@ -102,6 +123,9 @@ def main(argv=None) -> int:
     except ImportError as error:
         print(f"error: {one_line(error)}: install the project's packages with `make install`", file=sys.stderr)
         return 2
+    except WorkerFailed as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as interrupt:
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         return 130

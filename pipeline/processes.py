@@ -10,19 +10,29 @@ computes on one thread anyway (`pipeline.codec`).
 
 Forked children inherit the model without copying it. Their results come back as
 `torch.save` bytes: torch's own sharing of tensors between processes (file descriptors in
-/dev/shm) is not needed for a few kilobytes, and was seen to stall here.
+/dev/shm) is not needed for a few kilobytes, and was seen to stall here. A child never outlives
+this process: on Linux the kernel kills it when this process dies, however it dies (prctl's
+PR_SET_PDEATHSIG); everywhere, this process ends its children when it stops on an exception.
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
+import sys
 import threading
+import time
 import warnings
 
 import torch
+
+from pipeline import WorkerFailed
+
+PATIENCE = 60.0  # seconds: a child that shows no progress for longer (and 10x this process's share) hangs
 
 
 def worker_count(n: int, device, requested: int | None = None) -> int:
@@ -44,8 +54,10 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
     `job` returns tensors or bytes (alone or in tuples, lists, dicts); `counter.update(k)` adds k to
     `progress`, a tqdm-like bar of this process. The shares split torch's threads
     (`torch.get_num_threads() // W`, at least 1 each). The children ignore Ctrl+C: this process
-    stops on it and ends them. An exception in a share is raised here; a child that dies without a
-    result (killed) raises RuntimeError. Forking costs more the more memory this process holds (its
+    stops on it and ends them, as on any exception, and they die with this process. An exception in a
+    share is raised here; a child that ends without a result (killed, or exiting early) raises
+    WorkerFailed, and so does one that shows no progress (`counter.update`) nor result for PATIENCE
+    seconds and 10 times what this process's own share took (it hangs). Forking costs more the more memory this process holds (its
     page tables are copied, and torn down when the child exits): about 25 ms for a model loaded to
     sample, tenths of a second for gigabytes.
     """
@@ -56,30 +68,42 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
     context = multiprocessing.get_context("fork")
     done, results, outputs = context.Value("q", 0), context.Queue(), {}
     threads, own_threads = max(1, torch.get_num_threads() // parts), torch.get_num_threads()
-    children = [context.Process(target=_child, args=(job, i, shares[i], done, threads, results), daemon=True)
-                for i in range(1, parts)]
+    children = [context.Process(target=_child, args=(job, i, shares[i], done, threads, results, os.getpid()),
+                                daemon=True) for i in range(1, parts)]
     try:
         with warnings.catch_warnings():  # Python >= 3.12 warns of fork in a process with threads (torch's);
             # the children only run torch with threads of their own, as a DataLoader's workers do
             warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
             for child in children:
                 child.start()
+        started = time.monotonic()
         torch.set_num_threads(threads)
         try:
             outputs[0] = job(shares[0], _Counter(done, progress))
         finally:
             torch.set_num_threads(own_threads)
+        patience = max(PATIENCE, 10 * (time.monotonic() - started))
+        counted, news = done.value, time.monotonic()
         while len(outputs) < parts:
+            # children that had ended before this wait: their results, if any, are all in the queue by now
+            ended = [child.exitcode for i, child in enumerate(children, start=1)
+                     if i not in outputs and child.exitcode is not None]
             try:
                 i, error, output = results.get(timeout=0.1)
             except queue.Empty:
-                dead = [child.exitcode for child in children if child.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"a worker process died (exit code {dead[0]}), out of memory perhaps")
+                if ended:
+                    raise WorkerFailed(f"a worker process ended without its result ({_exit(ended[0])})"
+                                       + (", out of memory perhaps" if ended[0] else ": a bug, please report it"))
+                if done.value != counted:
+                    counted, news = done.value, time.monotonic()
+                elif time.monotonic() - news > patience:
+                    raise WorkerFailed(f"a worker process has shown no progress for {patience:.0f} s: it hangs "
+                                       f"(a bug, please report it)")
             else:
                 if error is not None:
                     raise error
                 outputs[i] = torch.load(io.BytesIO(output), weights_only=True)
+                news = time.monotonic()
             progress.update(done.value - progress.n)
         return [outputs[i] for i in range(parts)]
     finally:
@@ -88,7 +112,32 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
                 threading.Thread(target=child.join, daemon=True).start()  # so it is reaped meanwhile
             elif child.pid is not None:
                 child.terminate()
-                child.join()
+                child.join(5)
+                if child.exitcode is None:  # stuck where SIGTERM waits
+                    child.kill()
+                    child.join()
+
+
+def _exit(code: int) -> str:
+    """A child's exit code in words: 'exit code 3', 'killed by SIGKILL'."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a child: have the kernel kill this process when its parent dies (Linux; elsewhere the parent
+    ends its children itself); exit now if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class _Counter:
@@ -105,9 +154,11 @@ class _Counter:
             self.bar.update(self.value.value - self.bar.n)
 
 
-def _child(job, i: int, share, done, threads: int, results) -> None:
+def _child(job, i: int, share, done, threads: int, results, parent: int) -> None:
     """Runs in a forked process: job(share), its result (torch.save bytes) or its exception put on `results`."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: terminate() ends the child
     torch.set_num_threads(threads)
     try:
         buffer = io.BytesIO()

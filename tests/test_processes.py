@@ -1,12 +1,21 @@
 """Work split between forked CPU processes (`pipeline.processes`, used by `Cascade.sample`)."""
 import io
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline import WorkerFailed, processes
 from pipeline.processes import in_processes, worker_count
 from pipeline.progress import PlainBar, progress_bar
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_how_many_processes_sample():
@@ -105,3 +114,127 @@ def dies(items, counter):
 def test_a_process_that_dies_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match="exit code 3"):
         in_processes(dies, range(2), progress_bar(disable=True), workers=2)
+
+
+@pytest.fixture
+def deadline():
+    """Fail, rather than hang, a test whose call does not return within 30 s."""
+    def expired(signum, frame):
+        raise AssertionError("in_processes hung")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def exits_quietly(items, counter):
+    if items[0] == 1:
+        os._exit(0)  # a job that ends its process: no result, no error, exit code 0
+    return torch.zeros(1)
+
+
+def test_a_process_that_exits_without_its_result_is_an_error_not_a_hang(deadline):
+    with pytest.raises(WorkerFailed, match=r"ended without its result \(exit code 0\)"):
+        in_processes(exits_quietly, range(2), progress_bar(disable=True), workers=2)
+
+
+def hangs(items, counter):
+    if items[0] == 1:
+        time.sleep(600)
+    return torch.zeros(1)
+
+
+def test_a_process_that_hangs_is_an_error_not_a_hang(deadline, monkeypatch):
+    monkeypatch.setattr(processes, "PATIENCE", 1.0)
+    started = time.monotonic()
+    with pytest.raises(WorkerFailed, match="no progress for 1 s: it hangs"):
+        in_processes(hangs, range(2), progress_bar(disable=True), workers=2)
+    assert time.monotonic() - started < 10
+
+
+def gone(pid: int, seconds: float) -> bool:
+    """Whether process `pid` ends (or is a zombie) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+ORPHAN = """
+import os, signal, sys, time
+from pathlib import Path
+from pipeline.processes import in_processes
+from pipeline.progress import progress_bar
+
+def job(items, counter):
+    pid_file = Path(sys.argv[1])
+    if items[0] == 1:  # the child: says who it is, then works on for long
+        pid_file.write_text(str(os.getpid()))
+        time.sleep(120)
+    while not pid_file.exists():
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)  # this process dies at once, without a word or a finally
+
+in_processes(job, range(2), progress_bar(disable=True), workers=2)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_worker_dies_with_its_parent_even_by_kill_9(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "child.pid")], cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == -signal.SIGKILL
+    child = int((tmp_path / "child.pid").read_text())
+    try:
+        assert gone(child, 5), "the worker outlived its parent"
+    finally:
+        if not gone(child, 0):
+            os.kill(child, signal.SIGKILL)
+
+
+TERMINATED = """
+import os, sys, time
+from pathlib import Path
+from pipeline import __main__ as command_line, sample
+from pipeline.processes import in_processes
+from pipeline.progress import progress_bar
+
+def job(items, counter):
+    if items[0] == 1:
+        Path(sys.argv[1]).write_text(str(os.getpid()))
+    time.sleep(120)  # both shares: a long sampling
+
+sample.main = lambda args: in_processes(job, range(2), progress_bar(disable=True), workers=2)
+sys.exit(command_line.main(["sample", "--exp", "smoke", "--run-dir", sys.argv[2]]))
+"""
+
+
+def test_sigterm_ends_the_command_and_its_workers_in_one_line(tmp_path):
+    script = tmp_path / "terminated.py"
+    script.write_text(TERMINATED)
+    pid_file = tmp_path / "child.pid"
+    proc = subprocess.Popen([sys.executable, str(script), str(pid_file), str(tmp_path / "run")], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)  # a scheduler's, `timeout`'s or a closing shell's
+    try:
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143 and err.strip() == "terminated (SIGTERM)", (proc.returncode, err)
+        assert gone(child, 5), "the worker outlived the command"
+    finally:
+        proc.kill()
+        if not gone(child, 0):
+            os.kill(child, signal.SIGKILL)
