@@ -2,9 +2,9 @@
 #   make demo | test | data | train-all | sample | evaluate | upscale INPUT=x.png | deepen INPUT=x.png | bench
 #   make compress INPUT=<folder|x.npz> OUT=x.spn | decompress INPUT=x.spn OUT=<folder|x.npz>
 # Variables: EXP (conf/experiments/<EXP>.yaml, or a path to a YAML file), RUN_DIR, ARGS (LightningCLI
-# overrides for training), N, TEMPERATURE, SEED, BATCH (sampling), IMAGES (evaluate those images),
-# INPUT, OUT (upscale, deepen, compress, decompress), QUICK, MINUTES (bench), PYTHON, TORCH (the torch
-# requirement installed first when torch is missing).
+# overrides for training), N, TEMPERATURE, SEED, BATCH (sampling; evaluate's when given), IMAGES (evaluate
+# those images), INPUT, OUT (upscale, deepen, compress, decompress), QUICK, MINUTES (bench), PYTHON, TORCH
+# (the torch requirement installed first when torch is missing).
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 .SUFFIXES:
@@ -88,7 +88,7 @@ sample: train-all
 	$(PIPELINE) sample $(RUN) --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)
 
 evaluate: train-all
-	$(PIPELINE) evaluate $(RUN) $(if $(IMAGES),--images "$(IMAGES)")
+	$(PIPELINE) evaluate $(RUN) $(if $(IMAGES),--images "$(IMAGES)") $(if $(filter command line environment,$(origin BATCH)),--batch $(BATCH))
 
 upscale: train-all
 	$(PIPELINE) upscale $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -59,6 +60,27 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch", type=positive_int, default=250)
     evaluate.add_argument("--skip-compress", action="store_true", help="leave out the real compressed size")
     return p
+
+
+# what to lower when a command runs out of memory
+LESS_MEMORY = {"sample": "lower BATCH (and N)", "upscale": "lower BATCH (and N)", "deepen": "lower BATCH (and N)",
+               "evaluate": "lower BATCH (make evaluate BATCH=..., 250 by default)",
+               "compress": "compress the images in parts (INPUT: a few at a time)",
+               "decompress": "decompress on a machine with more memory",
+               "train": "lower the batch size (ARGS=\"--data.batch_size=...\")"}
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """For an allocation that failed (torch's CPU or GPU allocator, numpy, Python): how much was asked
+    for, in words ('' if it does not say); None for any other error."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    asked = re.search(r"allocate (\d+) bytes", text)  # torch's CPU allocator
+    if asked:
+        return f"{int(asked.group(1)) / 2**30:,.1f} GiB asked for"
+    asked = re.search(r"(?i)allocate ([\d.]+ ?[KMGTP]i?B)", text)  # CUDA's and numpy's
+    return f"{asked.group(1)} asked for" if asked else ""
 
 
 def one_line(error: BaseException) -> str:
@@ -123,8 +145,16 @@ def run(argv) -> int:
     except ImportError as error:
         print(f"error: {one_line(error)}: install the project's packages with `make install`", file=sys.stderr)
         return 2
-    except WorkerFailed as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+    except WorkerFailed as error:  # killed for memory, most likely, when killed
+        remedy = f"; if so, {LESS_MEMORY[args.command]}" if "memory" in str(error) and args.command in LESS_MEMORY else ""
+        print(f"error: {one_line(error)}{remedy}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        asked = out_of_memory(error)
+        if asked is None:
+            raise
+        print(f"error: out of memory{f' ({asked})' if asked else ''}: {LESS_MEMORY.get(args.command, 'free memory')}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ the image growing slice by slice and bit by bit.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,43 @@ def check_sampling_settings(n: int, batch: int, temperature: float) -> None:
         raise ValueError(f"TEMPERATURE={temperature} is invalid: use a positive number (1.0 is exact)")
     if n < 1 or batch < 1:
         raise ValueError(f"N={n}, BATCH={batch}: both must be at least 1")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still take: Linux's MemAvailable, or less when a cgroup (a
+    container, a scheduler's job) limits it; None where unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    if not found and hasattr(os, "sysconf"):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError):
+            pass
+    return min(found) if found else None
+
+
+def check_memory(n: int, batch: int, cascade: Cascade, given: bool = False) -> None:
+    """Raise ValueError (lower N, or BATCH) when drawing n images `batch` at a time needs more memory than
+    is available: at least 16 bytes per sub-pixel of the n images (their n-bit values, as the batches
+    and once joined; 16 more for the `given` slices of upscale and deepen) and, per image of a batch,
+    24 bytes per sub-pixel (its known slices and noise) and the 4 kB state of its noise generator."""
+    available = available_memory()
+    batch = min(batch, n)
+    outputs = (32 if given else 16) * n * cascade.dims
+    need = outputs + batch * (24 * cascade.dims + 4096)
+    if available is not None and need > available:
+        gib = 2**30
+        what = "N" if outputs > available / 2 else "BATCH (and N)"
+        raise ValueError(f"N={n} images of {' x '.join(map(str, cascade.shape))} drawn BATCH={batch} at a time need "
+                         f"at least {need / gib:,.1f} GiB of memory, and {available / gib:,.1f} GiB are available: "
+                         f"lower {what}")
 
 
 def draw(cascade: Cascade, n: int, batch: int, temperature: float, seed: int, conditions=None, fixed_msb=(),
@@ -88,6 +126,7 @@ def write_outputs(out: Path, cascade: Cascade, images: torch.Tensor, log_prob: n
 def main(args) -> None:
     check_sampling_settings(args.n, args.batch, args.temperature)
     experiment, cascade = load_cascade(args)
+    check_memory(args.n, args.batch, cascade)
     images, log_prob, growth = draw(cascade, args.n, args.batch, args.temperature, args.seed)
     write_outputs(Path(args.run_dir) / "samples", cascade, images, log_prob, log_prob, args.temperature, growth,
                   "sample", experiment)
@@ -103,6 +142,7 @@ def upscale(args) -> None:
     experiment, cascade = load_cascade(args)
     if cascade.S == 1:
         raise ValueError(f"experiment {experiment['name']!r} has S = 1: there is nothing to upscale")
+    check_memory(args.n, args.batch, cascade, given=True)
     low = read_image(args.input, cascade.C, experiment["data"].get("background", "white"))[None]
     check_shape(low, (cascade.h, cascade.w, cascade.C), f"INPUT {args.input}")
     x0 = quantize(torch.from_numpy(low).long(), cascade.bits).expand(args.n, -1, -1, -1)
@@ -125,6 +165,7 @@ def deepen(args) -> None:
     experiment, cascade = load_cascade(args)
     if "depth_spn" not in cascade.stages:
         raise ValueError(f"experiment {experiment['name']!r} has no depth stage (b = n): nothing to deepen")
+    check_memory(args.n, args.batch, cascade, given=True)
     image = read_image(args.input, cascade.C, experiment["data"].get("background", "white"))[None]
     check_shape(image, cascade.shape, f"INPUT {args.input}")
     x = quantize(torch.from_numpy(image).long(), cascade.bits).expand(args.n, -1, -1, -1)

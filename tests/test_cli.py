@@ -175,3 +175,58 @@ def test_a_data_section_may_leave_the_geometry_to_the_data_modules_defaults(tmp_
     data = data_geometry(load_experiment(str(tmp_path / "short.yaml")))
     assert {k: data[k] for k in ("channels", "bits", "high_bits", "subscale")} == dict(
         channels=1, bits=8, high_bits=8, subscale=1)
+
+
+@pytest.mark.parametrize("command", ["sample", "upscale"])
+def test_n_and_batch_far_beyond_memory_are_refused_before_sampling(tmp_path, monkeypatch, capsys, command):
+    import pipeline.sample
+    from PIL import Image
+
+    monkeypatch.setattr(pipeline.sample, "available_memory", lambda: 8 * 2**30)  # 8 GiB here, whatever the machine
+    run_dir = tmp_path / "run"
+    save_cascade(make_stages(**SMOKE), run_dir)
+    Image.new("L", (4, 4), 100).save(tmp_path / "low.png")
+    given = ["--input", str(tmp_path / "low.png")] if command == "upscale" else []
+    code = cli([command, "--exp", str(experiment_file(tmp_path, SMOKE)), "--run-dir", str(run_dir), *given,
+                "--n", "100000000", "--batch", "100000000"])
+    err = one_line_error(capsys.readouterr().err)
+    assert code == 2 and err.startswith("error: N=100000000 images of 8 x 8 x 1 drawn BATCH=100000000 at a time")
+    assert "GiB of memory, and 8.0 GiB are available: lower N" in err
+    assert not (run_dir / command).exists() and not (run_dir / "samples").exists()
+
+
+CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 627200000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("command, failing, error, message", [
+    ("sample", "pipeline.sample.Cascade.sample", RuntimeError(CPU_ALLOCATOR),
+     "error: out of memory (584.1 GiB asked for): lower BATCH (and N)"),
+    ("evaluate", "pipeline.cascade.Cascade.log_prob", "cuda", "error: out of memory (20.00 GiB asked for): lower BATCH "
+                                                             "(make evaluate BATCH=..., 250 by default)"),
+    ("compress", "pipeline.compress.compress", MemoryError("Unable to allocate 728. TiB for an array"),
+     "error: out of memory (728. TiB asked for): compress the images in parts"),
+])
+def test_running_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, monkeypatch, capsys, command, failing,
+                                                                error, message):
+    import torch
+
+    if error == "cuda":
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                       "capacity of 79.19 GiB of which 3.12 GiB is free.")
+
+    def allocation_fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(failing, allocation_fails)
+    run_dir = tmp_path / "run"
+    save_cascade(make_stages(**SMOKE), run_dir)
+    images = str(images_file(tmp_path, SMOKE))
+    given = {"sample": [], "evaluate": ["--images", images], "compress": ["--input", images, "--out", str(tmp_path / "x.spn")]}
+    code = cli([command, "--exp", str(experiment_file(tmp_path, SMOKE)), "--run-dir", str(run_dir), *given[command]])
+    assert code == 1 and one_line_error(capsys.readouterr().err).startswith(message)
+
+
+def test_make_evaluate_passes_batch_on_when_given(tmp_path):
+    assert "--batch 50" in make("-n", "evaluate", "EXP=smoke", f"RUN_DIR={tmp_path}", "BATCH=50").stdout
+    assert "--batch" not in make("-n", "evaluate", "EXP=smoke", f"RUN_DIR={tmp_path}").stdout  # its own 250
