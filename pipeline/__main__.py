@@ -123,7 +123,7 @@ def run(argv) -> int:
         if args.command == "stages":
             from pipeline.config import load_experiment, stage_names
 
-            print(" ".join(stage_names(load_experiment(args.exp))))
+            print(" ".join(stage_names(load_experiment(args.exp, arguments=False))))  # at every make call: fast
         elif args.command == "data":
             from pipeline.data import main as run
             run(args)

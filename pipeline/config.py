@@ -12,6 +12,7 @@ An experiment file has three parts:
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import os
 from pathlib import Path
@@ -39,8 +40,40 @@ def experiment_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "experiments").glob("*.yaml"))
 
 
-def load_experiment(name: str | None = None) -> dict:
-    """The experiment `name` (or a path to a YAML file) merged over conf/trainer.yaml."""
+def check_keys(section: dict, valid, where: str, path) -> None:
+    """Raise ConfigError naming the first key of `section` that is not one of `valid`, where it is, the
+    file and the valid keys (and the closest of them, when one is close)."""
+    valid = list(valid)
+    for key in section:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            raise ConfigError(f"{path}: unknown key {key!r} in {where}{f' (did you mean {close[0]}?)' if close else ''}; "
+                              f"the valid keys: {', '.join(valid)}")
+
+
+def parameters(cls, leave_out=()) -> list[str]:
+    """The names of the arguments of `cls` (its __init__), but self and `leave_out`."""
+    return [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", *leave_out)]
+
+
+def check_arguments(experiment: dict, path) -> None:
+    """Raise ConfigError for a key of the data section that SubscaleDataModule does not take, or of a
+    stage's model section that the stage's class does not take (the geometry comes from data).
+    (Imports the data module and the stages.)"""
+    from data.datamodule import SubscaleDataModule
+    from stages import GEOMETRY, STAGES
+
+    check_keys(experiment["data"], parameters(SubscaleDataModule), "data", path)
+    for stage, spec in experiment["stages"].items():
+        if stage in STAGES:
+            check_keys((spec or {}).get("model") or {}, parameters(STAGES[stage], GEOMETRY),
+                       f"stages.{stage}.model (the geometry is data's)", path)
+
+
+def load_experiment(name: str | None = None, arguments: bool = True) -> dict:
+    """The experiment `name` (or a path to a YAML file) merged over conf/trainer.yaml. Raises ConfigError
+    in one line for a file that is missing or not a valid experiment, and, with `arguments` (which
+    imports the data module and the stages), for a data or model key that is not an argument."""
     name = name or DEFAULT_EXPERIMENT
     path = Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / "experiments" / f"{name}.yaml"
     if not path.is_file():
@@ -61,6 +94,8 @@ def load_experiment(name: str | None = None) -> dict:
     for key in ("data", "stages"):
         if not isinstance(experiment.get(key), dict):
             raise ConfigError(f"experiment {path} has no '{key}' section; see conf/experiments/smoke.yaml")
+    if arguments:
+        check_arguments(experiment, path)
     return experiment
 
 

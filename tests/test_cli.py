@@ -230,3 +230,30 @@ def test_running_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, monkey
 def test_make_evaluate_passes_batch_on_when_given(tmp_path):
     assert "--batch 50" in make("-n", "evaluate", "EXP=smoke", f"RUN_DIR={tmp_path}", "BATCH=50").stdout
     assert "--batch" not in make("-n", "evaluate", "EXP=smoke", f"RUN_DIR={tmp_path}").stdout  # its own 250
+
+
+@pytest.mark.parametrize("command, edit, message", [
+    (["data"], lambda c: c["data"].update(batch_sise=8),
+     "unknown key 'batch_sise' in data (did you mean batch_size?); the valid keys: source, image_size, channels"),
+    (["train", "--stage", "size_spn"], lambda c: c["stages"]["size_spn"]["model"].update(widht=8),
+     "unknown key 'widht' in stages.size_spn.model (the geometry is data's) (did you mean width?); the valid keys: "
+     "width, layers"),
+    (["sample"], lambda c: c["stages"]["first_slice"]["model"].update(subscale=4), "unknown key 'subscale' in "
+     "stages.first_slice.model"),
+])
+def test_a_misspelled_key_is_one_line_naming_it_the_file_and_the_valid_keys(tmp_path, capsys, command, edit, message):
+    config = yaml.safe_load((ROOT / "conf" / "experiments" / "smoke.yaml").read_text())
+    edit(config)
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code = cli([*command, "--exp", str(path), "--run-dir", str(tmp_path / "run")])
+    err = one_line_error(capsys.readouterr().err)
+    assert code == 2 and err.startswith(f"error: {path}: {message}"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_experiment_under_conf_loads():
+    from pipeline.config import load_experiment
+
+    for path in sorted(ROOT.glob("conf/experiments/**/*.yaml")):
+        load_experiment(str(path))
