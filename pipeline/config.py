@@ -6,6 +6,10 @@ An experiment file has three parts:
     trainer: Trainer arguments for every stage (optional)
     stages:  {first_slice|size_spn|depth_spn: {model: <stage arguments>, trainer: <overrides>}}
 
+and optional settings: name (the W&B group; the file's name by default), seed, checkpoint_every,
+sample_grid, wandb: {project: ...}. Any other key, in these sections or at the top, is refused in
+one line (`load_experiment`), never ignored.
+
 `lightning_config` composes them into the LightningCLI config of one stage, which
 `pipeline.train` writes to `$(RUN_DIR)/config/<stage>.yaml` and hands to LightningCLI.
 """
@@ -22,6 +26,9 @@ import yaml
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_EXPERIMENT = "fashion_mnist"
 STAGE_ORDER = ("first_slice", "size_spn", "depth_spn")
+# what an experiment file (and conf/trainer.yaml) may hold: its sections and settings, and those of a stage
+SECTIONS = ("data", "trainer", "stages", "name", "seed", "checkpoint_every", "sample_grid", "wandb")
+STAGE_SECTIONS = ("model", "trainer")
 
 
 class ConfigError(ValueError):
@@ -56,6 +63,27 @@ def parameters(cls, leave_out=()) -> list[str]:
     return [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", *leave_out)]
 
 
+def check_sections(experiment: dict, path) -> None:
+    """Raise ConfigError for a section the experiment may not have (at the top, in `stages:`, in a stage
+    or in `wandb:`), or one that is not a mapping, so that a misspelled one is never ignored."""
+    check_keys(experiment, SECTIONS, "the top level", path)
+    for key in ("data", "stages"):
+        if not isinstance(experiment.get(key), dict):
+            raise ConfigError(f"experiment {path} has no '{key}' section; see conf/experiments/smoke.yaml")
+    check_keys(experiment["stages"], STAGE_ORDER, "stages", path)
+    sections = {"trainer": experiment.get("trainer"), "wandb": experiment.get("wandb")}
+    for stage, spec in experiment["stages"].items():
+        sections[f"stages.{stage}"] = spec
+        if isinstance(spec, dict):
+            check_keys(spec, STAGE_SECTIONS, f"stages.{stage}", path)
+            sections.update({f"stages.{stage}.{key}": spec.get(key) for key in STAGE_SECTIONS})
+    for where, section in sections.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{path}: {where} must be a mapping of settings, not {section!r}; "
+                              f"see conf/experiments/smoke.yaml")
+    check_keys(experiment.get("wandb") or {}, ("project",), "wandb", path)
+
+
 def check_arguments(experiment: dict, path) -> None:
     """Raise ConfigError for a key of the data section that SubscaleDataModule does not take, or of a
     stage's model section that the stage's class does not take (the geometry comes from data).
@@ -73,7 +101,8 @@ def check_arguments(experiment: dict, path) -> None:
 def load_experiment(name: str | None = None, arguments: bool = True) -> dict:
     """The experiment `name` (or a path to a YAML file) merged over conf/trainer.yaml. Raises ConfigError
     in one line for a file that is missing or not a valid experiment, and, with `arguments` (which
-    imports the data module and the stages), for a data or model key that is not an argument."""
+    imports the data module and the stages), for a data or model key that is not an argument; an unknown
+    section (or setting at the top) is refused too, never ignored."""
     name = name or DEFAULT_EXPERIMENT
     path = Path(name) if name.endswith((".yaml", ".yml")) else CONF_DIR / "experiments" / f"{name}.yaml"
     if not path.is_file():
@@ -91,9 +120,7 @@ def load_experiment(name: str | None = None, arguments: bool = True) -> dict:
         raise ConfigError(f"{path} is not a mapping of sections; see conf/experiments/smoke.yaml")
     experiment = merge(defaults, experiment)
     experiment.setdefault("name", path.stem)
-    for key in ("data", "stages"):
-        if not isinstance(experiment.get(key), dict):
-            raise ConfigError(f"experiment {path} has no '{key}' section; see conf/experiments/smoke.yaml")
+    check_sections(experiment, path)
     if arguments:
         check_arguments(experiment, path)
     return experiment

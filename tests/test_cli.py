@@ -257,3 +257,25 @@ def test_every_experiment_under_conf_loads():
 
     for path in sorted(ROOT.glob("conf/experiments/**/*.yaml")):
         load_experiment(str(path))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(trainr=c.pop("trainer")), "unknown key 'trainr' in the top level (did you mean trainer?); "
+     "the valid keys: data, trainer, stages, name, seed, checkpoint_every, sample_grid, wandb"),
+    (lambda c: c["stages"].update(size_snp=c["stages"].pop("size_spn")), "unknown key 'size_snp' in stages "
+     "(did you mean size_spn?); the valid keys: first_slice, size_spn, depth_spn"),
+    (lambda c: c["stages"]["depth_spn"].update(trainr={"max_steps": 3}), "unknown key 'trainr' in stages.depth_spn "
+     "(did you mean trainer?); the valid keys: model, trainer"),
+    (lambda c: c["stages"]["depth_spn"].update(model=[1, 2]), "stages.depth_spn.model must be a mapping"),
+    (lambda c: c.update(wandb={"projet": "x"}), "unknown key 'projet' in wandb (did you mean project?)"),
+])
+def test_a_misspelled_section_is_refused_not_ignored(tmp_path, capsys, edit, message):
+    config = yaml.safe_load((ROOT / "conf" / "experiments" / "smoke.yaml").read_text())
+    edit(config)
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    stages = subprocess.run([sys.executable, "-m", "pipeline", "stages", "--exp", str(path)], cwd=ROOT,
+                            capture_output=True, text=True)  # what every make call runs first
+    assert stages.returncode == 2 and one_line_error(stages.stderr).startswith(f"error: {path}: {message}")
+    assert cli(["data", "--exp", str(path)]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(f"error: {path}: {message}")
