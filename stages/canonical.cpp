@@ -25,6 +25,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <set>
@@ -37,40 +38,60 @@ using Weights = std::map<std::string, Tensor>;
 namespace {
 
 // ------------------------------------------------------------ elementary functions
-double pinned_exp(double x) {
-  if (x < -708.0) return 0.0;
-  if (x > 708.0) x = 708.0;
-  const double n = std::floor(x * 1.4426950408889634 + 0.5);  // x = n ln2 + r, |r| <= ln2 / 2
+// Branch-free and inline, so that loops over arrays of them vectorise (which changes no result).
+inline double pinned_exp(double x) {
+  x = x < -708.0 ? -708.0 : (x > 708.0 ? 708.0 : x);
+  // x = n ln2 + r with n an integer, |r| <= ln2 / 2 (a little more where the sum below rounds up)
+  const double n = static_cast<double>(static_cast<int64_t>(x * 1.4426950408889634 + 1100.5)) - 1100.0;
   const double r = (x - n * 0.693145751953125) - n * 1.4286068203094172e-06;  // ln2 in two parts
   double p = 1.0 / 6227020800.0;  // Taylor series to r^13 / 13!, by Horner's rule
-  const double inverse_factorials[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
-                                         1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
-                                         1.0 / 6.0, 0.5, 1.0, 1.0};
-  for (double c : inverse_factorials) p = p * r + c;
-  return std::ldexp(p, static_cast<int>(n));
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;  // 2^n exactly (n >= -1021)
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7)
-double pinned_erf(double x) {
-  const double sign = x < 0 ? -1.0 : 1.0, a = std::fabs(x);
+inline double pinned_erf(double x) {
+  const double a = x < 0 ? -x : x;
   const double t = 1.0 / (1.0 + 0.3275911 * a);
   const double poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t;
-  return sign * (1.0 - poly * pinned_exp(-a * a));
+  const double e = 1.0 - poly * pinned_exp(-a * a);
+  return x < 0 ? -e : e;
 }
 
-float gelu(float x) { return static_cast<float>(0.5 * x * (1.0 + pinned_erf(x * 0.7071067811865476))); }
+// In place, x[i] <- GELU(x[i]) = x/2 (1 + erf(x / sqrt 2)), computed in float64.
+void gelu(float* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x[i];
+    x[i] = static_cast<float>(0.5 * v * (1.0 + pinned_erf(v * 0.7071067811865476)));
+  }
+}
 
 // ------------------------------------------------------------ layers
 // y (M, N) = x (M, K) W^T + b, W given as its transpose wt (K, N); each output summed over k in order.
-void linear(const float* x, const std::vector<float>& wt, const float* bias, float* y, int64_t M, int64_t K,
-            int64_t N) {
+void linear(const float* __restrict__ x, const std::vector<float>& wt, const float* __restrict__ bias,
+            float* __restrict__ y, int64_t M, int64_t K, int64_t N) {
   for (int64_t m = 0; m < M; ++m) {
-    float* out = y + m * N;
+    float* __restrict__ out = y + m * N;
     for (int64_t n = 0; n < N; ++n) out[n] = 0.f;
     const float* row = x + m * K;
     for (int64_t k = 0; k < K; ++k) {
       const float xk = row[k];
-      const float* w = wt.data() + k * N;
+      const float* __restrict__ w = wt.data() + k * N;
       for (int64_t n = 0; n < N; ++n) out[n] += xk * w[n];
     }
     if (bias != nullptr)
@@ -90,20 +111,19 @@ void normalise(const float* x, float* y, int64_t M, int64_t D, const float* weig
     mean /= static_cast<double>(D);
     for (int64_t i = 0; i < D; ++i) var += (in[i] - mean) * (in[i] - mean);
     const double scale = 1.0 / std::sqrt(var / static_cast<double>(D) + eps);
-    for (int64_t i = 0; i < D; ++i) {
-      const int64_t c = i / per_column;
-      out[i] = static_cast<float>((in[i] - mean) * scale * weight[c] + bias[c]);
-    }
+    for (int64_t c = 0; c < D / per_column; ++c)
+      for (int64_t i = c * per_column; i < (c + 1) * per_column; ++i)
+        out[i] = static_cast<float>((in[i] - mean) * scale * weight[c] + bias[c]);
   }
 }
 
-// In place: x[i] <- exp(x[i] - max) / sum, over n values.
-void softmax(float* x, int64_t n) {
+// In place: x[i] <- exp(x[i] - max) / sum, over n values; e: room for n doubles.
+void softmax(float* __restrict__ x, int64_t n, double* __restrict__ e) {
   float top = x[0];
   for (int64_t i = 1; i < n; ++i) top = x[i] > top ? x[i] : top;
-  std::vector<double> e(n);
+  for (int64_t i = 0; i < n; ++i) e[i] = pinned_exp(static_cast<double>(x[i]) - top);
   double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += (e[i] = pinned_exp(static_cast<double>(x[i]) - top));
+  for (int64_t i = 0; i < n; ++i) total += e[i];
   for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(e[i] / total);
 }
 
@@ -175,7 +195,7 @@ struct Block {
     std::vector<float> h(rows * W), hidden(rows * up.out), y(rows * W);
     normalise(x, h.data(), rows, W, norm2.weight, norm2.bias, 1, eps);
     up(h.data(), hidden.data(), rows);
-    for (auto& v : hidden) v = gelu(v);
+    gelu(hidden.data(), rows * up.out);
     down(hidden.data(), y.data(), rows);
     for (int64_t i = 0; i < rows * W; ++i) x[i] += y[i];
   }
@@ -191,28 +211,33 @@ int64_t count_blocks(const Params& p, const std::string& prefix) {
 void full_attention(const Block& block, float* x, int64_t B, int64_t P, int64_t W, int64_t heads, double eps) {
   const int64_t d = W / heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  std::vector<float> h(P * W), qkv(P * 3 * W), y(P * W), out(P * W), scores(P);
+  std::vector<float> h(P * W), qkv(P * 3 * W), y(P * W), out(P * W), scores(P), keys(d * P);
+  std::vector<double> room(P);
   for (int64_t b = 0; b < B; ++b) {
     float* xb = x + b * P * W;
     normalise(xb, h.data(), P, W, block.norm1.weight, block.norm1.bias, 1, eps);
     block.qkv(h.data(), qkv.data(), P);  // columns (q|k|v, head, d)
-    for (int64_t hd = 0; hd < heads; ++hd)
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      for (int64_t e = 0; e < d; ++e)  // this head's keys transposed, (d, P): the score loop runs over positions
+        for (int64_t j = 0; j < P; ++j) keys[e * P + j] = qkv[j * 3 * W + W + hd * d + e];
       for (int64_t i = 0; i < P; ++i) {
         const float* q = qkv.data() + i * 3 * W + hd * d;
-        for (int64_t j = 0; j < P; ++j) {
-          const float* k = qkv.data() + j * 3 * W + W + hd * d;
-          float s = 0.f;
-          for (int64_t e = 0; e < d; ++e) s += q[e] * k[e];
-          scores[j] = s * scale;
+        for (int64_t j = 0; j < P; ++j) scores[j] = 0.f;
+        for (int64_t e = 0; e < d; ++e) {  // each score summed over e in order
+          const float qe = q[e];
+          const float* __restrict__ row = keys.data() + e * P;
+          for (int64_t j = 0; j < P; ++j) scores[j] += qe * row[j];
         }
-        softmax(scores.data(), P);
-        float* yi = y.data() + i * W + hd * d;
+        for (int64_t j = 0; j < P; ++j) scores[j] *= scale;
+        softmax(scores.data(), P, room.data());
+        float* __restrict__ yi = y.data() + i * W + hd * d;
         for (int64_t e = 0; e < d; ++e) yi[e] = 0.f;
         for (int64_t j = 0; j < P; ++j) {
           const float* v = qkv.data() + j * 3 * W + 2 * W + hd * d;
           for (int64_t e = 0; e < d; ++e) yi[e] += scores[j] * v[e];
         }
       }
+    }
     block.proj(y.data(), out.data(), P);
     for (int64_t i = 0; i < P * W; ++i) xb[i] += out[i];
     block.mlp(xb, P, W, eps);
@@ -275,10 +300,10 @@ Tensor context(const Weights& weights, const Tensor& stack, const Tensor& k, int
       for (int64_t i = 0; i < P; ++i) x[c * P + i] += meta[slice[n] * W + c];
     for (size_t i = 0; i < convs.size(); i += 2) {  // x + conv(gelu(norm(conv(gelu(norm(x))))))
       normalise(x.data(), a.data(), 1, W * P, norms[i].weight, norms[i].bias, P, eps);
-      for (auto& v : a) v = gelu(v);
+      gelu(a.data(), W * P);
       conv3x3(a.data(), convs[i], b.data(), W, h, w);
       normalise(b.data(), a.data(), 1, W * P, norms[i + 1].weight, norms[i + 1].bias, P, eps);
-      for (auto& v : a) v = gelu(v);
+      gelu(a.data(), W * P);
       conv3x3(a.data(), convs[i + 1], b.data(), W, h, w);
       for (int64_t i2 = 0; i2 < W * P; ++i2) x[i2] += b[i2];
     }
@@ -331,8 +356,8 @@ class Decoder {
     }
     params_.check_all_used();
     for (size_t l = 0; l < blocks_.size(); ++l) {
-      keys_.emplace_back(B_ * T_ * W_, 0.f);  // (B, T, W): head hd at columns hd*d ..
-      values_.emplace_back(B_ * T_ * W_, 0.f);
+      keys_.emplace_back(B_ * T_ * W_, 0.f);  // (B, heads, d, T)
+      values_.emplace_back(B_ * T_ * W_, 0.f);  // (B, heads, T, d)
     }
   }
 
@@ -343,36 +368,37 @@ class Decoder {
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
     const int64_t* prev = previous.data_ptr<int64_t>();
     std::vector<float> x(B_ * W), h(B_ * W), qkv(B_ * 3 * W), y(B_ * W), out(B_ * W), scores(t + 1);
+    std::vector<double> room(t + 1);
     for (int64_t b = 0; b < B_; ++b)
       for (int64_t i = 0; i < W; ++i) x[b * W + i] = embedding_[prev[b] * W + i] + inputs_[(b * T_ + t) * W + i];
     for (size_t l = 0; l < blocks_.size(); ++l) {
       const Block& block = blocks_[l];
       normalise(x.data(), h.data(), B_, W, block.norm1.weight, block.norm1.bias, 1, eps_);
       block.qkv(h.data(), qkv.data(), B_);
-      for (int64_t b = 0; b < B_; ++b) {
-        float* key = keys_[l].data() + b * T_ * W;
-        float* value = values_[l].data() + b * T_ * W;
-        for (int64_t i = 0; i < W; ++i) {
-          key[t * W + i] = qkv[b * 3 * W + W + i];
-          value[t * W + i] = qkv[b * 3 * W + 2 * W + i];
-        }
+      for (int64_t b = 0; b < B_; ++b)
         for (int64_t hd = 0; hd < heads_; ++hd) {
           const float* q = qkv.data() + b * 3 * W + hd * d;
-          for (int64_t j = 0; j <= t; ++j) {
-            const float* kj = key + j * W + hd * d;
-            float s = 0.f;
-            for (int64_t e = 0; e < d; ++e) s += q[e] * kj[e];
-            scores[j] = s * scale;
+          float* __restrict__ key = keys_[l].data() + (b * heads_ + hd) * d * T_;  // (d, T): transposed
+          float* __restrict__ value = values_[l].data() + (b * heads_ + hd) * T_ * d;  // (T, d)
+          for (int64_t e = 0; e < d; ++e) {
+            key[e * T_ + t] = q[W + e];
+            value[t * d + e] = q[2 * W + e];
           }
-          softmax(scores.data(), t + 1);
-          float* yb = y.data() + b * W + hd * d;
+          for (int64_t j = 0; j <= t; ++j) scores[j] = 0.f;
+          for (int64_t e = 0; e < d; ++e) {  // each score summed over e in order
+            const float qe = q[e];
+            const float* __restrict__ row = key + e * T_;
+            for (int64_t j = 0; j <= t; ++j) scores[j] += qe * row[j];
+          }
+          for (int64_t j = 0; j <= t; ++j) scores[j] *= scale;
+          softmax(scores.data(), t + 1, room.data());
+          float* __restrict__ yb = y.data() + b * W + hd * d;
           for (int64_t e = 0; e < d; ++e) yb[e] = 0.f;
           for (int64_t j = 0; j <= t; ++j) {
-            const float* vj = value + j * W + hd * d;
+            const float* __restrict__ vj = value + j * d;
             for (int64_t e = 0; e < d; ++e) yb[e] += scores[j] * vj[e];
           }
         }
-      }
       block.proj(y.data(), out.data(), B_);
       for (int64_t i = 0; i < B_ * W; ++i) x[i] += out[i];
       block.mlp(x.data(), B_, W, eps_);
@@ -386,8 +412,9 @@ class Decoder {
       const float* l = logits.data() + b * V;
       float top = l[0];
       for (int64_t v = 1; v < V; ++v) top = l[v] > top ? l[v] : top;
+      for (int64_t v = 0; v < V; ++v) p[b * V + v] = pinned_exp(static_cast<double>(l[v]) - top);
       double total = 0.0;
-      for (int64_t v = 0; v < V; ++v) total += (p[b * V + v] = pinned_exp(static_cast<double>(l[v]) - top));
+      for (int64_t v = 0; v < V; ++v) total += p[b * V + v];
       for (int64_t v = 0; v < V; ++v) p[b * V + v] /= total;
     }
     return probabilities;
