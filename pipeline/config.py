@@ -184,6 +184,12 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def wandb_init_timeout() -> float:
+    """Seconds W&B may take to start a run online before it counts as out of reach: $WANDB_INIT_TIMEOUT,
+    else 30 (W&B's own default is 90)."""
+    return float(os.environ.get("WANDB_INIT_TIMEOUT") or 30)
+
+
 def lightning_config(experiment: dict, stage: str, run_dir: str | Path) -> dict:
     """The LightningCLI config (model, data, trainer) of one stage of the experiment."""
     if stage not in STAGE_ORDER:

@@ -24,7 +24,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from data.datamodule import SubscaleDataModule
 from pipeline.callbacks import PlainProgress, SampleGrid
 from pipeline.checkpoints import AtomicCheckpointIO, save_stage
-from pipeline.config import ConfigError, lightning_config, load_experiment
+from pipeline.config import ConfigError, lightning_config, load_experiment, wandb_init_timeout
+from pipeline.tracking import wandb_failure
 from stages import GEOMETRY, STAGES
 
 # the models report no FLOPs; images per second is what ThroughputMonitor is here for
@@ -110,6 +111,17 @@ def set_aside_if_stale(last: Path, model, data, stage: str) -> bool:
     return bool(changes)
 
 
+def start_wandb_run(logger) -> None:
+    """Start the stage's online W&B run now, before any training: W&B out of reach (no login, no
+    network) then stops the command at once with ConfigError, and no training is lost."""
+    try:
+        logger.experiment  # noqa: B018 - WandbLogger starts its run when first asked for it
+    except Exception as error:  # noqa: BLE001 - W&B's errors are many; all mean the same here
+        raise ConfigError(f"cannot start the W&B run online ({wandb_failure(error)}): log in with `wandb login` "
+                          f"(or check WANDB_BASE_URL and the network), or train with WANDB_MODE=offline and "
+                          f"upload the run later with `wandb sync`") from error
+
+
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Train (or resume) one stage of experiment `exp` in `run_dir`; return the final checkpoint path.
     `overrides` are LightningCLI arguments. Raises ConfigError (a ValueError) for bad settings,
@@ -154,6 +166,9 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
     if set_aside_if_stale(last, cli.model, cli.datamodule, stage):
         cli = build()  # with a new W&B run id
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if config["trainer"]["logger"]["init_args"]["mode"] == "online":
+        os.environ["WANDB_INIT_TIMEOUT"] = str(wandb_init_timeout())  # WandbLogger's wandb.init reads it
+        start_wandb_run(trainer.logger)
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     if last.exists():
         print(f"resuming {stage} from {last}")

@@ -1,6 +1,7 @@
 """The command line and the Makefile as a user meets them: one-line errors, the plan of each
 target, W&B runs of the non-training commands, plain logs, the README's own code and tables."""
 import ast
+import json
 import glob
 import os
 import re
@@ -279,3 +280,51 @@ def test_a_misspelled_section_is_refused_not_ignored(tmp_path, capsys, edit, mes
     assert stages.returncode == 2 and one_line_error(stages.stderr).startswith(f"error: {path}: {message}")
     assert cli(["data", "--exp", str(path)]) == 2
     assert one_line_error(capsys.readouterr().err).startswith(f"error: {path}: {message}")
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (one just given up by this process)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def wandb_out_of_reach(tmp_path, monkeypatch):
+    """WANDB_MODE=online with a key and a server that cannot be reached; nothing leaves 127.0.0.1."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "01234567")  # 40 characters, as a real key
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no W&B settings of this machine
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+
+
+@pytest.mark.parametrize("logged_in", [True, False])
+def test_wandb_out_of_reach_after_evaluate_is_a_warning_and_the_results_stay(tmp_path, capsys, monkeypatch,
+                                                                             wandb_out_of_reach, logged_in):
+    if not logged_in:
+        monkeypatch.delenv("WANDB_API_KEY")
+    run_dir = tmp_path / "run"
+    save_cascade(make_stages(**SMOKE), run_dir)
+    code = cli(["evaluate", "--exp", str(experiment_file(tmp_path, SMOKE)), "--run-dir", str(run_dir),
+                "--images", str(images_file(tmp_path, SMOKE))])
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and "Traceback" not in err and len(warnings) == 1, err
+    assert "could not log the evaluate run to W&B" in warnings[0] and "WANDB_MODE=offline" in warnings[0]
+    assert f"wandb sync {run_dir / 'wandb'}/offline-run-*" in warnings[0]
+    assert json.loads((run_dir / "eval.json").read_text())["n_images"] == 6
+
+
+def test_wandb_out_of_reach_stops_training_before_it_starts(tmp_path, capsys, wandb_out_of_reach):
+    run_dir = tmp_path / "run"
+    code = cli(["train", "--exp", "smoke", "--stage", "first_slice", "--run-dir", str(run_dir),
+                "--trainer.max_steps=2"])
+    ours = "\n".join(line for line in capsys.readouterr().err.splitlines() if not line.startswith("wandb: "))
+    err = one_line_error(ours)  # W&B's own notes aside
+    assert code == 2 and err.startswith("error: cannot start the W&B run online (") and "WANDB_MODE=offline" in err
+    assert not list(run_dir.glob("checkpoints/**/*.ckpt"))
