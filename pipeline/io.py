@@ -20,8 +20,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see the old file or the new one."""
-    path = Path(path)
+    """Write to a temporary file beside `path`, then rename: readers see the old file or the new one.
+    A symbolic link is followed: its target gets the data, and the link stays."""
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:
@@ -34,8 +35,9 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 @contextmanager
 def folder_at_once(path: str | Path):
     """Write a folder's files into a temporary folder, which replaces `path` only when the block ends
-    without an error: an interrupted command leaves the old folder whole, never a mix."""
-    path = Path(path)
+    without an error: an interrupted command leaves the old folder whole, never a mix. A symbolic
+    link is followed: the folder it points to is replaced, and the link stays."""
+    path = Path(path).resolve()
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
