@@ -14,9 +14,25 @@ PYTHON ?= python3
 # either has torch already (then nothing is installed) or asks for its build: make install TORCH=torch
 TORCH ?= torch==2.13.0
 EXP ?= fashion_mnist
+override EXP := $(strip $(EXP))
 # EXP names conf/experiments/<EXP>.yaml, or is the path of a YAML file: runs go to runs/<its stem>
 EXP_FILE := $(if $(filter %.yaml %.yml,$(EXP)),$(EXP),conf/experiments/$(EXP).yaml)
 RUN_DIR ?= runs/$(basename $(notdir $(EXP_FILE)))
+override RUN_DIR := $(strip $(RUN_DIR))
+# make splits a value with spaces into several words (files, targets): such an EXP or RUN_DIR stops here
+space := $() $()
+ifeq ($(EXP),)
+$(error EXP is empty: name an experiment (EXP=fashion_mnist) or a YAML file)
+endif
+ifneq ($(words $(EXP)),1)
+$(error EXP='$(EXP)' has spaces, and make cannot name files with spaces: rename the file without them, e.g. EXP=$(subst $(space),_,$(EXP)))
+endif
+ifeq ($(RUN_DIR),)
+$(error RUN_DIR is empty: name the folder of the run, e.g. RUN_DIR=runs/my_run)
+endif
+ifneq ($(words $(RUN_DIR)),1)
+$(error RUN_DIR='$(RUN_DIR)' has spaces, and make cannot name files with spaces: use a folder without them, e.g. RUN_DIR=$(subst $(space),_,$(RUN_DIR)))
+endif
 ARGS ?=
 N ?= 16
 TEMPERATURE ?= 1.0

@@ -328,3 +328,16 @@ def test_wandb_out_of_reach_stops_training_before_it_starts(tmp_path, capsys, wa
     err = one_line_error(ours)  # W&B's own notes aside
     assert code == 2 and err.startswith("error: cannot start the W&B run online (") and "WANDB_MODE=offline" in err
     assert not list(run_dir.glob("checkpoints/**/*.ckpt"))
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("RUN_DIR=runs/my run", "RUN_DIR='runs/my run' has spaces, and make cannot name files with spaces: use a folder "
+                            "without them, e.g. RUN_DIR=runs/my_run"),
+    ("EXP=my exp", "EXP='my exp' has spaces, and make cannot name files with spaces"),
+    ("RUN_DIR=", "RUN_DIR is empty: name the folder of the run"),
+])
+@pytest.mark.parametrize("target", ["sample", "train-all", "clean"])
+def test_make_refuses_a_run_dir_or_exp_with_spaces_in_one_line(target, setting, message):
+    planned = make("-n", target, "EXP=smoke", setting)
+    assert planned.returncode != 0 and "pipeline" not in planned.stdout and "rm " not in planned.stdout
+    assert message in one_line_error(planned.stderr)
