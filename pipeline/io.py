@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from data.images import ImageError, as_array, decode
@@ -36,7 +37,9 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 def folder_at_once(path: str | Path):
     """Write a folder's files into a temporary folder, which replaces `path` only when the block ends
     without an error: an interrupted command leaves the old folder whole, never a mix. A symbolic
-    link is followed: the folder it points to is replaced, and the link stays."""
+    link is followed: the folder it points to is replaced, and the link stays. Processes writing one
+    folder at once take turns to replace it (a lock file beside it, `.<name>.lock`, which stays):
+    the last one's folder is the one left."""
     path = Path(path).resolve()
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -44,9 +47,10 @@ def folder_at_once(path: str | Path):
     try:
         yield partial
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(partial, path)
+        with FileLock(path.with_name(f".{path.name}.lock")):  # released by the system if this process dies
+            if path.exists():
+                os.replace(path, old)
+            os.replace(partial, path)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -13,13 +13,16 @@ import sys
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_only
 
 from data.datamodule import SubscaleDataModule
 from pipeline.callbacks import PlainProgress, SampleGrid
@@ -122,13 +125,48 @@ def start_wandb_run(logger) -> None:
                           f"upload the run later with `wandb sync`") from error
 
 
+class StageBusy(ValueError):
+    """Another process is training the same stage in the same run folder."""
+
+
+@contextmanager
+def alone(work: Path, stage: str, run_dir: Path):
+    """Have the stage of `run_dir` to this process while the block runs (a lock file in `work`, which
+    the system releases when the process dies, however it dies); raise StageBusy naming the process
+    that has it. Only the first process of a run on several (global rank 0 of node 0) takes it."""
+    if rank_zero_only.rank != 0 or os.environ.get("NODE_RANK", "0") != "0":
+        yield
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    lock, holder = FileLock(work / "training.lock"), work / "training.pid"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = holder.read_text().strip() if holder.exists() else "?"
+        raise StageBusy(f"{stage} is being trained in {run_dir} by another process (pid {pid}): wait for it "
+                        f"to end, or stop it, and make the target again") from None
+    try:
+        holder.write_text(str(os.getpid()))
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Train (or resume) one stage of experiment `exp` in `run_dir`; return the final checkpoint path.
     `overrides` are LightningCLI arguments. Raises ConfigError (a ValueError) for bad settings,
-    TrainingDiverged when the loss or the weights stop being finite, KeyboardInterrupt on Ctrl+C."""
+    StageBusy (a ValueError) when another process trains the stage in `run_dir`, TrainingDiverged
+    when the loss or the weights stop being finite, KeyboardInterrupt on Ctrl+C."""
     experiment = load_experiment(exp)
     run_dir = Path(run_dir)
     config = lightning_config(experiment, stage, run_dir)
+    with alone(run_dir / "checkpoints" / stage, stage, run_dir):
+        return fit_stage(exp, experiment, stage, run_dir, config, overrides)
+
+
+def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, config: dict, overrides) -> Path:
+    """`train_stage` once this process has the stage to itself; `config` is its LightningCLI config."""
     work = run_dir / "checkpoints" / stage  # resumable state of an unfinished stage
     config_path = run_dir / "config" / f"{stage}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Writing outputs (`pipeline.io`): whole or not at all, through symbolic links, one writer at a time."""
 import json
+import multiprocessing
 
 import numpy as np
 
@@ -57,3 +58,24 @@ def test_samples_and_eval_json_go_through_links_to_folders_elsewhere(tmp_path):
     assert np.load(elsewhere / "samples" / "samples.npz")["images"].shape == (2, 8, 8, 1)
     assert json.loads((elsewhere / "eval.json").read_text())["n_images"] == 6
     assert not leftovers(run_dir, elsewhere)
+
+
+def write_many_times(folder, writer: int, times: int) -> None:
+    for i in range(times):
+        with folder_at_once(folder) as partial:
+            for name in ("samples.npz", "grid.png"):
+                (partial / name).write_text(f"{writer} {i}")
+
+
+def test_two_writers_of_one_folder_take_turns_and_leave_it_whole(tmp_path):
+    folder = tmp_path / "run" / "samples"
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=write_many_times, args=(folder, writer, 300)) for writer in range(2)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(120)
+    assert [process.exitcode for process in writers] == [0, 0]  # neither failed ("Directory not empty")
+    contents = {(folder / name).read_text() for name in ("samples.npz", "grid.png")}
+    assert len(contents) == 1 and contents.pop().endswith(" 299")  # one writer's whole folder, its last
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".samples.lock", "samples"]

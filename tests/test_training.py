@@ -301,3 +301,26 @@ def test_a_streaming_source_trains(tmp_path):
     path.write_text(yaml.safe_dump(config))
     final = train_stage(str(path), "size_spn", tmp_path / "run", ["--trainer.max_steps=3"])
     assert torch.load(final, weights_only=True)["global_step"] == 3
+
+
+def test_a_second_training_of_the_same_stage_is_refused_naming_the_first(tmp_path, capsys):
+    from pipeline.__main__ import main as cli
+
+    args = ["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice"]
+    first = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--trainer.max_steps=100000"], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "WANDB_MODE": "disabled"})
+    holder = tmp_path / "checkpoints" / "first_slice" / "training.pid"
+    try:
+        deadline = time.time() + 120
+        while not holder.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert cli([*args, "--trainer.max_steps=2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: first_slice is being trained in {tmp_path} by another process (pid {first.pid}): "
+                       f"wait for it to end, or stop it, and make the target again")
+        assert not (tmp_path / "checkpoints" / "first_slice.ckpt").exists()
+    finally:
+        first.kill()  # kill -9: its turn ends with it
+        first.wait()
+    assert cli([*args, "--trainer.max_steps=2"]) == 0
