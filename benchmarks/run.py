@@ -55,8 +55,8 @@ def markdown(results: dict) -> str:
     s = results["sampling"]
     d = s["decoder"]
     out.append(f"\n## Sampling\n\n{d['sequence']}, batch {d['batch']}: cached {d['cached_s']:.3g} s, "
-               f"recomputing the prefix {d['recomputed_s']:.3g} s: **{d['cached_speedup']:.1f}x**, identical "
-               f"samples: {d['identical']}.\n")
+               f"recomputing the prefix {d['recomputed_s']:.3g} s: **{d['cached_speedup']:.1f}x**, the same "
+               f"samples (but at float ties): {d['agree']}.\n")
     rows = []
     for c in s["cascades"]:
         for r in c["rows"]:
@@ -70,8 +70,9 @@ def markdown(results: dict) -> str:
                    f"{c['cpp_loop_vs_reference_at_16']:.2f}x, the Python fast step "
                    f"{c['python_step_vs_reference_at_16']:.2f}x; against the reference on one thread: "
                    f"{c['default_vs_reference_on_one_thread_at_16']:.2f}x), at batch 1: "
-                   f"{c['default_vs_reference_at_1']:.2f}x; identical images {c['identical_images']}, "
-                   f"log-probabilities within {c['max_log_prob_difference_nats']:.1e} nats.")
+                   f"{c['default_vs_reference_at_1']:.2f}x; the same images but at float ties {c['images_agree']} "
+                   f"({c['images_at_near_ties']} of {c['images_compared']} differ from a near-tie on), "
+                   f"log-probabilities of equal images within {c['max_log_prob_difference_nats']:.1e} nats.")
     out.append(f"\nThe default cascade (default sampler) against the previous default (S = 4, b = 6, width 128; the "
                f"reference sampler it shipped with), batch 16: **{s['default_vs_previous_default_at_16']:.1f}x** "
                f"less time per image, of which the sampler gives {s['cascades'][0]['default_vs_reference_at_16']:.2f}x "

@@ -126,7 +126,7 @@ class Cascade:
         known = known or {}
         known = {part: known[part].to(self.device, torch.long, copy=True) if part in known  # never the caller's
                  else torch.zeros(shape, dtype=torch.long, device=self.device) for part in ("msb", "lsb")}
-        seeds = torch.randint(2**62, (n,), generator=generator, device=generator.device if generator else "cpu")
+        seeds = self.image_seeds(n, generator)
         if method in ("fast", "native"):  # build or load the C++ sampler once, here, before the bar and the forks
             native.usable(self.device, torch.float32)
         steps = len(self.plan(fixed_msb, fixed_lsb)) * self.h * self.w * self.C * n
@@ -142,17 +142,28 @@ class Cascade:
         bar.close()
         return out
 
+    @staticmethod
+    def image_seeds(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The seeds (n,) of the noise generators of the next n images drawn from `generator` (a CPU
+        generator, so that images do not depend on the device; None: torch's default one)."""
+        return torch.randint(2**62, (n,), generator=generator)
+
+    def slice_noise(self, stream: torch.Generator) -> torch.Tensor:
+        """The uniforms (T,) of one image's next slice, from its own generator `stream`; the slices of
+        an image draw theirs in the order of `plan`."""
+        return torch.rand(self.h * self.w * self.C, generator=stream)
+
     def draw(self, seeds: torch.Tensor, known: dict, fixed_msb, fixed_lsb, frames: bool, temperature: float,
              method: str, progress):
         """`sample` in this process: the images whose noise generators are seeded by `seeds` (n,), given
         `known` (filled in place); progress counts sub-pixels drawn."""
         n = len(seeds)
         log_prob = torch.zeros(n, device=self.device)
-        streams = [torch.Generator().manual_seed(int(seed)) for seed in seeds]  # one per image
+        streams = [torch.Generator().manual_seed(int(seed)) for seed in seeds]  # one per image, on the CPU
         done = {"msb": set(fixed_msb), "lsb": set(fixed_lsb)}
         pictures = [self.picture(known, done)] if frames else []
         for stage, part, k in self.plan(fixed_msb, fixed_lsb):
-            noise = torch.stack([torch.rand(self.h * self.w * self.C, generator=g) for g in streams])  # (n, T)
+            noise = torch.stack([self.slice_noise(g) for g in streams])  # (n, T)
             values, lp = self.stages[stage].sample_slice(known, k, temperature, None, progress, method, noise)
             known[part][:, k] = values
             log_prob += lp

@@ -82,7 +82,7 @@ def draw(cascade: Cascade, n: int, batch: int, temperature: float, seed: int, co
     """Draw n images in batches from one seeded generator; conditions: (n, ...) sliced known parts.
     Returns n-bit images (n, H, W, C), the log-prob of the drawn slices (n,) and the growth pictures."""
     check_sampling_settings(n, batch, temperature)
-    generator = torch.Generator(cascade.device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the images do not depend on the device
     images, log_probs, growth = [], [], None
     for start in range(0, n, batch):
         size = min(batch, n - start)

@@ -50,3 +50,17 @@ def uniform(stages: dict) -> dict:
             stage.decoder.head.weight.zero_()
             stage.decoder.head.bias.zero_()
     return stages
+
+
+def assert_same_draws(decoder, context, seed: int, draws: dict, reference: str, temperature: float = 1.0):
+    """Draws {method: (values (B, T), log_prob (B,))} of `decoder.sample` from one noise (a generator
+    seeded `seed`) agree with `reference`'s: rows equal, with log-probabilities within 1e-4 nats, except
+    rows whose first difference is a near-tie of the inverse CDF (`pipeline.agreement`)."""
+    from pipeline.agreement import slices_agree
+
+    values, log_prob = draws[reference]
+    noise = torch.rand(values.shape, generator=torch.Generator().manual_seed(seed))
+    for method, (other, other_log_prob) in draws.items():
+        assert slices_agree(decoder, context, noise, values, other, temperature).all(), method
+        same = (values == other).all(1)
+        assert torch.allclose(other_log_prob[same], log_prob[same], atol=1e-4), method

@@ -19,9 +19,10 @@ def test_bench_smoke_writes_both_result_files(tmp_path):
     assert {"image", "S", "peak_mb", "step_s"} <= set(results["memory"][0])
     assert all(row["peak_mb"] > 0 for row in results["memory"] if row["status"] == "ok")  # a step takes memory
     assert {"cached_speedup", "cascade_s_per_image"} <= set(results["sampling"])
-    assert all(cascade["identical_images"] for cascade in results["sampling"]["cascades"])
+    # every sampler draws the reference's images but where a uniform falls at a float tie of the CDF
+    assert all(cascade["images_agree"] for cascade in results["sampling"]["cascades"])
     assert {"minutes", "cascade_bpd", "single_transformer_bpd", "codecs"} <= set(results["quality"])
-    assert results["sampling"]["decoder"]["identical"]
+    assert results["sampling"]["decoder"]["agree"]
     assert results["codec"]["identical"]
     assert "## Quality at equal compute" in (tmp_path / "results.md").read_text()
     assert "## The cascade as a codec" in (tmp_path / "results.md").read_text()

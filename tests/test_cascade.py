@@ -27,6 +27,7 @@ def test_probabilities_of_all_images_sum_to_one(geometry):
     assert log_p.max() - log_p.min() > 1.0  # a far-from-uniform distribution: the sum is not trivially 1
 
 
+@pytest.mark.float_paths
 def test_sampling_agrees_with_scoring():
     cascade = Cascade(make_stages(image_size=8, channels=3, bits=4, high_bits=2, subscale=2, seed=1))
     images, log_prob, _ = cascade.sample(6, generator=torch.Generator().manual_seed(0))
@@ -113,6 +114,7 @@ def test_an_image_does_not_depend_on_the_batch_it_was_drawn_in():
     assert torch.equal(together, apart)
 
 
+@pytest.mark.float_paths
 @pytest.mark.parametrize("conditional", [False, True])
 def test_an_image_does_not_depend_on_how_many_processes_draw_it(conditional):
     cascade = Cascade(make_stages(image_size=8, bits=4, high_bits=2, subscale=2))

@@ -17,6 +17,8 @@ from pipeline.io import save_npz
 from pipeline.pictures import to_8bit
 from test_evaluate import experiment_file
 
+pytestmark = pytest.mark.float_paths  # CI runs these under other CPU kernels too (.ci/run)
+
 GEOMETRIES = [dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2),   # smoke: all three stages
               dict(image_size=4, channels=3, bits=8, high_bits=5, subscale=2),   # colour with a depth stage
               dict(image_size=4, channels=3, bits=6, high_bits=6, subscale=2)]   # colour without one
