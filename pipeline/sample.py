@@ -26,9 +26,19 @@ from pipeline.pictures import image_grid, to_8bit, upsample_nearest
 from pipeline.tracking import log_job
 
 
+def exact_float32() -> None:
+    """Full float32 in matrix products and convolutions from now on, in this process: never TF32 on a
+    GPU (cuBLAS, cuDNN) nor a lower internal precision elsewhere, so that exact scores (evaluate, the
+    sampler's log_prob, the codec) do not depend on the hardware's defaults."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 def load_cascade(args) -> tuple[dict, Cascade]:
-    """The experiment's config and its trained cascade; raises ValueError when they disagree on the
-    geometry, FileNotFoundError when a stage is not trained."""
+    """The experiment's config and its trained cascade, to be run in full float32 (`exact_float32`);
+    raises ValueError when they disagree on the geometry, FileNotFoundError when a stage is not trained."""
+    exact_float32()
     experiment = load_experiment(args.exp)
     return experiment, Cascade.load(args.run_dir, stage_names(experiment), expected=data_geometry(experiment))
 

@@ -69,3 +69,42 @@ def test_a_config_that_differs_from_the_checkpoints_is_refused(tmp_path, capsys)
         assert "bits=5, high_bits=3" in err and "bits=4, high_bits=2" in err
         assert "put the config back" in err and "retrain" in err
     assert not (tmp_path / "run" / "eval.json").exists() and not (tmp_path / "run" / "samples").exists()
+
+
+def test_evaluate_scores_in_full_float32_without_tf32(tmp_path, monkeypatch):
+    """TF32 (or a lower internal precision) would change the exact figures on a GPU: the cascade commands
+    turn it off, whatever the process had set."""
+    geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert cli(["evaluate", "--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run"),
+                    "--images", str(images_file(tmp_path, geometry))]) == 0
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def test_evaluation_over_batches_is_the_sum_of_its_images_however_they_are_cut(tmp_path):
+    """bits/dim and every stage's share from batches of 1, 3 (3 + 3 + 1) and 7 images are the same, and are
+    the mean of the per-image NLL: a total that kept only some batches' nats would differ."""
+    geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+    save_cascade(make_stages(**geometry), tmp_path / "run")  # peaked, not uniform: images score differently
+    exp, images = str(experiment_file(tmp_path, geometry)), str(images_file(tmp_path, geometry, n=7))
+    reports = []
+    for batch in (1, 3, 7):
+        assert cli(["evaluate", "--exp", exp, "--run-dir", str(tmp_path / "run"), "--images", images,
+                    "--batch", str(batch), "--skip-compress"]) == 0
+        reports.append(json.loads((tmp_path / "run" / "eval.json").read_text()))
+    nll = np.array(reports[0]["nll"])
+    assert nll.std() > 0.01 * nll.mean()  # the images' scores differ
+    dims = 8 * 8 * 1
+    for report in reports:
+        assert report["n_images"] == 7 and report["nll"] == pytest.approx(reports[0]["nll"], rel=1e-6)
+        assert report["bpd"] == pytest.approx(nll.mean() / dims / np.log(2), rel=1e-6)
+        assert report["stages"] == pytest.approx(reports[0]["stages"], rel=1e-6)
+        assert sum(report["stages"].values()) == pytest.approx(report["bpd"], rel=1e-9)
