@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from data.datamodule import SubscaleDataModule
-from data.transforms import quantize
 from pipeline.cascade import STAGE_NAMES
 from pipeline.codec import compress
 from pipeline.io import check_shape, read_images, save_json
@@ -33,7 +32,8 @@ def batches(args, experiment, cascade):
     if args.images:
         images = read_images(args.images, cascade.C, experiment["data"].get("background", "white"))
         check_shape(images, cascade.shape, f"IMAGES {args.images}")
-        x = quantize(torch.from_numpy(images), cascade.bits)
+        x = torch.from_numpy(images)
+        x >>= 8 - cascade.bits  # quantized in place (the array is this command's own): one copy
         for start in range(0, len(x), args.batch):
             yield x[start:start + args.batch]
         return
@@ -61,18 +61,19 @@ def main(args) -> None:
     bar.close()
     if not stored:
         raise ValueError(f"no images to evaluate in {split}")
-    images = torch.cat(stored)
+    images = torch.cat(stored) if len(stored) > 1 else stored[0]
+    del stored  # the images are in memory once, as uint8, from here on
     count, dims = len(images), images.numel()
     # the cascade's own stages only: a two-stage cascade (b = n) has no depth share at all
     shares = {name: cascade.bpd(nats[name] / count) for name in STAGE_NAMES if name in nats}
-    compressed = None if args.skip_compress else compress(cascade, images.long(), progress=True)
+    compressed = None if args.skip_compress else compress(cascade, images, progress=True)
     result = {
         "bpd": sum(shares.values()),
         "stages": shares,
         "n_images": count,
         "split": split,
         "compressed_bpd": None if compressed is None else 8 * len(compressed) / dims,
-        "codecs": codecs.bits_per_dim(),
+        "codecs": codecs.bits_per_dim(images.numpy()),
     }
     if args.images:
         result["nll"] = torch.cat(per_image).tolist()  # nats per image, in the order given

@@ -49,22 +49,21 @@ def mosaic(images: np.ndarray) -> np.ndarray:
 
 
 class CodecSizes:
-    """Running totals of bits per codec, one image per file; the mosaic is made at the end."""
+    """Running totals of bits per codec, one image per file; the mosaic of all images is made at the end
+    (the images are not kept here: the caller holds them)."""
 
     def __init__(self, codecs: list[str] | None = None):
         self.codecs = codecs or available()
         self.bits = {codec: 0 for codec in self.codecs}
-        self.images: list[np.ndarray] = []
 
     def add(self, images: np.ndarray) -> None:
         """images: (B, H, W, C) uint8, the pixels as stored (n-bit values, unscaled)."""
         for codec in self.codecs:
             self.bits[codec] += sum(8 * encoded_size(image, codec) for image in images)
-        self.images.append(images)
 
-    def bits_per_dim(self) -> dict[str, float]:
-        """{codec: bits/dim one image per file, codec_mosaic: bits/dim of the one mosaic file}."""
-        images = np.concatenate(self.images)
+    def bits_per_dim(self, images: np.ndarray) -> dict[str, float]:
+        """{codec: bits/dim one image per file, codec_mosaic: bits/dim of the one mosaic file}, given all
+        the images added, (N, H, W, C) uint8 in the order added."""
         dims = images.size
         grid = mosaic(images)
         out = {codec: bits / dims for codec, bits in self.bits.items()}

@@ -108,3 +108,20 @@ def test_evaluation_over_batches_is_the_sum_of_its_images_however_they_are_cut(t
         assert report["bpd"] == pytest.approx(nll.mean() / dims / np.log(2), rel=1e-6)
         assert report["stages"] == pytest.approx(reports[0]["stages"], rel=1e-6)
         assert sum(report["stages"].values()) == pytest.approx(report["bpd"], rel=1e-9)
+
+
+def test_evaluate_keeps_the_images_once_as_uint8(tmp_path, monkeypatch):
+    """The images reach the codec as the one uint8 copy (an int64 copy beside it took 8 times their size)."""
+    import pipeline.evaluate
+
+    geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    given = []
+    real = pipeline.evaluate.compress
+    monkeypatch.setattr(pipeline.evaluate, "compress", lambda cascade, images, **kw: given.append(images) or
+                        real(cascade, images, **kw))
+    assert cli(["evaluate", "--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run"),
+                "--images", str(images_file(tmp_path, geometry)), "--batch", "4"]) == 0
+    assert given[0].dtype == torch.uint8 and given[0].shape == (6, 8, 8, 1)
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["compressed_bpd"] > 0 and set(report["codecs"]) >= {"png", "png_mosaic"}
