@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.samplers import EpochSampler, ResumableLoader, ShardSampler
-from data.sources import prepare, streamed
+from data.sources import check_source, prepare, streamed
 from data.transforms import check_settings, quantize, split_depth
 
 
@@ -70,6 +70,7 @@ class SubscaleDataModule(L.LightningDataModule):
         check_settings(bits, high_bits, subscale, *self.image_size)
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch_size={batch_size}, eval_batch_size={eval_batch_size}: use 1 or more")
+        check_source(source)
         self.streaming = bool(source.get("streaming"))
         if self.streaming and source.get("kind") not in ("hub", "parquet"):
             raise ValueError(f"streaming is for hub and parquet sources, not {source.get('kind')!r}: "

@@ -18,6 +18,7 @@ modification times), and two processes preparing it at once wait for each other.
 """
 from __future__ import annotations
 
+import difflib
 import gzip
 import hashlib
 import json
@@ -52,6 +53,31 @@ PHOTO_SPLITS = {
 }
 SPLIT_ALIASES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
 KINDS = ("fashion_mnist", "photos", "hub", "imagefolder", "parquet", "arrow", "disk")
+SOURCE_KEYS = {  # what each kind of source reads, besides `kind`
+    "fashion_mnist": ("path", "install"),
+    "photos": ("patch_size", "stride"),
+    "hub": ("name", "config", "image_column", "streaming", "shuffle_buffer"),
+    "imagefolder": ("path", "image_column"),
+    "parquet": ("data_files", "image_column", "streaming", "shuffle_buffer"),
+    "arrow": ("data_files", "image_column"),
+    "disk": ("path", "image_column"),
+}
+
+
+def check_source(source) -> None:
+    """Raise ValueError in one line for a source that is not a mapping, of an unknown kind, or with a key
+    its kind does not read (a misspelled one would be ignored)."""
+    if not isinstance(source, dict):
+        raise ValueError(f"data.source must be a mapping such as {{kind: photos}}, not {source!r}")
+    kind = source.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown data source kind {kind!r}: use one of {', '.join(KINDS)}")
+    valid = ("kind", *SOURCE_KEYS[kind])
+    for key in source:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            raise ValueError(f"unknown key {key!r} in data.source of kind {kind}"
+                             f"{f' (did you mean {close[0]}?)' if close else ''}; its keys: {', '.join(valid)}")
 
 
 class SourceUnavailable(ValueError):
@@ -349,9 +375,8 @@ def prepare(source: dict, channels: int, image_size: tuple[int, int] | None, val
     """
     if channels not in (1, 3):
         raise ValueError(f"channels={channels} is not supported: use 1 (grey) or 3 (RGB)")
-    kind = source.get("kind")
-    if kind not in KINDS:
-        raise ValueError(f"unknown data source kind {kind!r}: use one of {', '.join(KINDS)}")
+    check_source(source)
+    kind = source["kind"]
     settings = dict(source=source, channels=channels, image_size=image_size, val_size=val_size, seed=seed,
                     background=background, files=local_files(source))
     target = Path(cache_dir) / f"{source.get('name', kind).replace('/', '_')}-{cache_key(**settings)}"

@@ -85,13 +85,25 @@ def check_sections(experiment: dict, path) -> None:
 
 
 def check_arguments(experiment: dict, path) -> None:
-    """Raise ConfigError for a key of the data section that SubscaleDataModule does not take, or of a
-    stage's model section that the stage's class does not take (the geometry comes from data).
-    (Imports the data module and the stages.)"""
+    """Raise ConfigError for a key of the data section that SubscaleDataModule does not take (or one it
+    needs and does not find), a data source key its kind does not read, or a key of a stage's model
+    section that the stage's class does not take (the geometry comes from data). (Imports the data
+    module and the stages.)"""
     from data.datamodule import SubscaleDataModule
+    from data.sources import check_source
     from stages import GEOMETRY, STAGES
 
     check_keys(experiment["data"], parameters(SubscaleDataModule), "data", path)
+    required = [name for name, parameter in inspect.signature(SubscaleDataModule.__init__).parameters.items()
+                if parameter.default is inspect.Parameter.empty and name != "self"]
+    for key in required:
+        if key not in experiment["data"]:
+            raise ConfigError(f"{path}: data has no {key!r}, which it needs (data needs {', '.join(required)}); "
+                              f"see conf/experiments/smoke.yaml")
+    try:
+        check_source(experiment["data"]["source"])
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from error
     for stage, spec in experiment["stages"].items():
         if stage in STAGES:
             check_keys((spec or {}).get("model") or {}, parameters(STAGES[stage], GEOMETRY),

@@ -341,3 +341,17 @@ def test_make_refuses_a_run_dir_or_exp_with_spaces_in_one_line(target, setting, 
     planned = make("-n", target, "EXP=smoke", setting)
     assert planned.returncode != 0 and "pipeline" not in planned.stdout and "rm " not in planned.stdout
     assert message in one_line_error(planned.stderr)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["data"].update(source={"kind": "photos", "patch_sise": 16}),
+     "unknown key 'patch_sise' in data.source of kind photos (did you mean patch_size?); its keys: kind, patch_size"),
+    (lambda c: c["data"].pop("image_size"), "data has no 'image_size', which it needs (data needs source, image_size)"),
+])
+def test_a_data_source_or_a_needed_data_key_that_is_wrong_is_one_line(tmp_path, capsys, edit, message):
+    config = yaml.safe_load((ROOT / "conf" / "experiments" / "smoke.yaml").read_text())
+    edit(config)
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli(["data", "--exp", str(path)]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(f"error: {path}: {message}")
