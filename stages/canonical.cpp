@@ -82,17 +82,29 @@ void gelu(float* __restrict__ x, int64_t n) {
 }
 
 // ------------------------------------------------------------ layers
-// y (M, N) = x (M, K) W^T + b, W given as its transpose wt (K, N); each output summed over k in order.
+// y (M, N) = x (M, K) W^T + b, W given as its transpose wt (K, N); each output summed over k in order,
+// then the bias added. Outputs are computed in tiles of 64 held in registers across k.
 void linear(const float* __restrict__ x, const std::vector<float>& wt, const float* __restrict__ bias,
             float* __restrict__ y, int64_t M, int64_t K, int64_t N) {
+  constexpr int64_t TILE = 64;
+  const float* __restrict__ w = wt.data();
   for (int64_t m = 0; m < M; ++m) {
-    float* __restrict__ out = y + m * N;
-    for (int64_t n = 0; n < N; ++n) out[n] = 0.f;
     const float* row = x + m * K;
-    for (int64_t k = 0; k < K; ++k) {
+    float* __restrict__ out = y + m * N;
+    int64_t n0 = 0;
+    for (; n0 + TILE <= N; n0 += TILE) {
+      float acc[TILE] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const float xk = row[k];
+        const float* __restrict__ wk = w + k * N + n0;
+        for (int64_t j = 0; j < TILE; ++j) acc[j] += xk * wk[j];
+      }
+      for (int64_t j = 0; j < TILE; ++j) out[n0 + j] = acc[j];
+    }
+    for (int64_t n = n0; n < N; ++n) out[n] = 0.f;  // the last, partial tile
+    for (int64_t k = 0; k < K && n0 < N; ++k) {
       const float xk = row[k];
-      const float* __restrict__ w = wt.data() + k * N;
-      for (int64_t n = 0; n < N; ++n) out[n] += xk * w[n];
+      for (int64_t n = n0; n < N; ++n) out[n] += xk * w[k * N + n];
     }
     if (bias != nullptr)
       for (int64_t n = 0; n < N; ++n) out[n] += bias[n];
