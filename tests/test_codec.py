@@ -252,3 +252,14 @@ def test_a_file_decodes_bit_for_bit_under_other_cpu_kernels(tmp_path):
                               cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     assert np.array_equal(np.load(tmp_path / "back.npz")["images"], pixels)
+
+
+def test_the_pinned_exp_and_erf_are_accurate():
+    """stages/canonical.cpp computes exp and erf itself (libm's differ between versions)."""
+    from stages import canonical
+
+    points = np.concatenate([np.linspace(-700, 700, 2001), np.linspace(-6, 6, 2001), [0.0, -0.0, 1e-300]])
+    values = np.array(canonical.load().elementary(points.tolist()))
+    exp, erf = values[:len(points)], values[len(points):]
+    assert np.allclose(exp, np.exp(points), rtol=4e-16, atol=0)
+    assert np.abs(erf - np.array([math.erf(x) for x in points])).max() < 1.5e-7
