@@ -152,7 +152,8 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
 
     `names` (optional) are kept in the file, for decompressing to a folder of the same names.
     Raises ValueError for images of another shape, values beyond the cascade's n bits, or names
-    that are not one plain file name per image. Runs on the CPU (a copy of a cascade elsewhere), in
+    that are not one plain file name per image, CanonicalUnavailable (an OSError) where the pinned
+    arithmetic cannot be built. Runs on the CPU (a copy of a cascade elsewhere), in
     `workers` processes (`pipeline.processes.in_processes`); the bytes are the same for any number.
     Source: the cascade's factorisation (Menick & Kalchbrenner 2019; README) driving a range coder.
     """
@@ -160,9 +161,11 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
 
     canonical.load()  # CanonicalUnavailable (no C++ compiler) before any work
     cascade = on_cpu(cascade)
-    images = torch.as_tensor(images).long().cpu()
+    images = torch.as_tensor(images).cpu()  # kept in its own dtype (uint8 from make evaluate); chunks as long
     if images.dim() != 4 or tuple(images.shape[1:]) != cascade.shape:
         raise ValueError(f"images have shape {tuple(images.shape)}, the model codes (N, {cascade.shape})")
+    if images.is_floating_point() or images.dtype == torch.bool:
+        raise ValueError(f"images must be integers, not {images.dtype}")
     if images.numel() and (images.min() < 0 or images.max() >= 2**cascade.bits):
         raise ValueError(f"image values must be {cascade.bits}-bit integers, 0 .. {2**cascade.bits - 1}")
     if names and (len(names) != len(images) or not valid_names(list(names))):

@@ -263,3 +263,26 @@ def test_the_pinned_exp_and_erf_are_accurate():
     exp, erf = values[:len(points)], values[len(points):]
     assert np.allclose(exp, np.exp(points), rtol=4e-16, atol=0)
     assert np.abs(erf - np.array([math.erf(x) for x in points])).max() < 1.5e-7
+
+
+def test_without_a_compiler_the_codec_says_so_and_evaluate_leaves_out_the_file(tmp_path, capsys, monkeypatch):
+    import json
+
+    from stages import canonical
+
+    def unavailable():
+        raise canonical.CanonicalUnavailable("the codec needs its C++ module: install a C++ compiler")
+
+    monkeypatch.setattr(canonical, "load", unavailable)
+    geometry = GEOMETRIES[0]
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    run = ["--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run")]
+    save_npz(tmp_path / "in.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
+    code = cli(["compress", *run, "--input", str(tmp_path / "in.npz"), "--out", str(tmp_path / "x.spn")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and "C++ compiler" in err[-1]
+    assert not (tmp_path / "x.spn").exists()
+    assert cli(["evaluate", *run, "--images", str(tmp_path / "in.npz")]) == 0
+    assert "real compressed size is left out" in capsys.readouterr().err
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["compressed_bpd"] is None and report["bpd"] > 0
