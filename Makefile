@@ -73,7 +73,7 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
-	$(PYTHON) -c "from stages import native; native.build()"
+	$(PYTHON) -c "from stages import canonical, native; native.build(); canonical.build()"
 	@touch $@
 
 test: install

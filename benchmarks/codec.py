@@ -1,10 +1,10 @@
 """The cascade as a codec: real compressed size against the model's -log2 p(x), and encode and
 decode seconds per image, on the cascade the quality benchmark trained.
 
-`pipeline.codec` codes CHUNK images at a time on one thread, whatever the caller's batch (so
-that both sides compute bit-identical probabilities); that fixed chunk is the batch here. The
-chunks are coded in processes side by side (one per torch thread), and in one process for
-comparison.
+`pipeline.codec` codes CHUNK images at a time with the pinned arithmetic of `stages.canonical`,
+whatever the caller's batch (so that both sides compute bit-identical probabilities on any
+machine); that fixed chunk is the batch here. The chunks are coded in processes side by side
+(one per torch thread), and in one process for comparison.
 """
 from __future__ import annotations
 

@@ -87,3 +87,12 @@ class Decoder:
 
     def step(self, previous: torch.Tensor, t: int) -> torch.Tensor:
         return self._step(previous.cpu().long().contiguous(), t)
+
+
+def build() -> None:
+    """`make install`: build the module now rather than at the first `make compress`, and say so."""
+    try:
+        load()
+        print("codec's pinned arithmetic: ready")
+    except CanonicalUnavailable:
+        print("codec's pinned arithmetic: not built, make compress and decompress need a C++ compiler")
