@@ -26,15 +26,24 @@ def partial_image(known: dict, done: dict, subscale: int, bits: int, high_bits: 
     return to_8bit(x, bits).cpu()
 
 
-def image_grid(images: torch.Tensor, columns: int | None = None):
-    """(N, H, W, C) uint8 -> one (rows*H, columns*W, C) numpy grid, padded with black images."""
-    n = images.shape[0]
+GAP = 2  # pixels of grey between the images of a grid (after zooming)
+MIN_WIDTH = 512  # a grid is zoomed by the smallest integer that makes it at least this wide
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, min_width: int = MIN_WIDTH, gap: int = GAP):
+    """(N, H, W, C) uint8 -> one numpy grid (rows, columns; short rows padded with black images), each
+    image zoomed by the same integer factor (nearest neighbour, so its pixels stay exact squares) so
+    that the grid is at least `min_width` pixels wide, with `gap` grey pixels around every image."""
+    n, height, width, channels = images.shape
     columns = columns or max(1, int(n**0.5 + 0.999))
     rows = (n + columns - 1) // columns
     pad = rows * columns - n
     if pad:
-        images = torch.cat([images, torch.zeros((pad, *images.shape[1:]), dtype=images.dtype)])
-    return rearrange(images, "(r c) h w ch -> (r h) (c w) ch", r=rows, c=columns).numpy()
+        images = torch.cat([images, torch.zeros((pad, height, width, channels), dtype=images.dtype)])
+    zoom = max(1, -(-(min_width - (columns + 1) * gap) // (columns * width)))
+    framed = torch.nn.functional.pad(upsample_nearest(images, zoom).permute(0, 3, 1, 2), (0, gap, 0, gap), value=128)
+    grid = rearrange(framed, "(r c) ch h w -> (r h) (c w) ch", r=rows, c=columns)
+    return torch.nn.functional.pad(grid.permute(2, 0, 1), (gap, 0, gap, 0), value=128).permute(1, 2, 0).numpy()
 
 
 def upsample_nearest(images: torch.Tensor, factor: int) -> torch.Tensor:

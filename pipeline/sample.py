@@ -124,7 +124,8 @@ def write_outputs(out: Path, cascade: Cascade, images: torch.Tensor, log_prob: n
     with folder_at_once(out) as folder:
         save_npz(folder / "samples.npz", images=images8.numpy(), log_prob=log_prob, log_prob_drawn=log_prob_drawn)
         save_png(folder / "grid.png", image_grid(grid_images, columns))
-        save_png(folder / "growth.png", np.concatenate([image_grid(frame[shown], columns=1) for frame in growth], 1))
+        steps = torch.stack([frame[shown] for frame in growth], 1)  # (images, frames, H, W, C): one row per image
+        save_png(folder / "growth.png", image_grid(steps.flatten(0, 1), columns=len(growth)))
         save_gif(folder / "growth.gif", [image_grid(frame[shown], columns=shown.stop) for frame in growth])
     bpd = cascade.bpd(-log_prob.mean()) if np.isfinite(log_prob).all() else float("nan")
     print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} to {out}/ "
