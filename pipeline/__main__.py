@@ -146,7 +146,7 @@ def run(argv) -> int:
         print(f"error: {one_line(error)}: install the project's packages with `make install`", file=sys.stderr)
         return 2
     except WorkerFailed as error:  # killed for memory, most likely, when killed
-        remedy = f"; if so, {LESS_MEMORY[args.command]}" if "memory" in str(error) and args.command in LESS_MEMORY else ""
+        remedy = f"; if so, {LESS_MEMORY.get(args.command, 'free memory')}" if "memory" in str(error) else ""
         print(f"error: {one_line(error)}{remedy}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as error:

@@ -54,8 +54,8 @@ def check_keys(section: dict, valid, where: str, path) -> None:
     for key in section:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
-            raise ConfigError(f"{path}: unknown key {key!r} in {where}{f' (did you mean {close[0]}?)' if close else ''}; "
-                              f"the valid keys: {', '.join(valid)}")
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r} in {where}{hint}; the valid keys: {', '.join(valid)}")
 
 
 def parameters(cls, leave_out=()) -> list[str]:

@@ -54,12 +54,12 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
     `job` returns tensors or bytes (alone or in tuples, lists, dicts); `counter.update(k)` adds k to
     `progress`, a tqdm-like bar of this process. The shares split torch's threads
     (`torch.get_num_threads() // W`, at least 1 each). The children ignore Ctrl+C: this process
-    stops on it and ends them, as on any exception, and they die with this process. An exception in a
-    share is raised here; a child that ends without a result (killed, or exiting early) raises
-    WorkerFailed, and so does one that shows no progress (`counter.update`) nor result for PATIENCE
-    seconds and 10 times what this process's own share took (it hangs). Forking costs more the more memory this process holds (its
-    page tables are copied, and torn down when the child exits): about 25 ms for a model loaded to
-    sample, tenths of a second for gigabytes.
+    stops on it and ends them, as on any exception, and they die with this process. An exception
+    in a share is raised here; a child that ends without a result (killed, or exiting early) raises
+    WorkerFailed, and so does one that shows neither progress (`counter.update`) nor its result for
+    PATIENCE seconds and 10 times what this process's own share took (it hangs). Forking costs more
+    the more memory this process holds (its page tables are copied, and torn down when the child
+    exits): about 25 ms for a model loaded to sample, tenths of a second for gigabytes.
     """
     parts = worker_count(len(items), device, workers)
     if parts == 1:

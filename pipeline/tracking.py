@@ -32,6 +32,6 @@ def log_job(experiment: dict, job: str, folder: str | Path, metrics: dict, image
         run.summary.update(metrics)
         run.finish()
     except Exception as error:  # noqa: BLE001 - W&B's errors are many; the results are safe whatever it is
+        runs = Path(folder) / "wandb" / "offline-run-*"
         print(f"warning: could not log the {job} run to W&B ({wandb_failure(error)}); the results are saved: "
-              f"to log them, run it again with WANDB_MODE=offline, then `wandb sync {Path(folder) / 'wandb'}/offline-run-*`",
-              file=sys.stderr)
+              f"to log them, run it again with WANDB_MODE=offline, then `wandb sync {runs}`", file=sys.stderr)

@@ -223,7 +223,8 @@ def test_running_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, monkey
     run_dir = tmp_path / "run"
     save_cascade(make_stages(**SMOKE), run_dir)
     images = str(images_file(tmp_path, SMOKE))
-    given = {"sample": [], "evaluate": ["--images", images], "compress": ["--input", images, "--out", str(tmp_path / "x.spn")]}
+    given = {"sample": [], "evaluate": ["--images", images],
+             "compress": ["--input", images, "--out", str(tmp_path / "x.spn")]}
     code = cli([command, "--exp", str(experiment_file(tmp_path, SMOKE)), "--run-dir", str(run_dir), *given[command]])
     assert code == 1 and one_line_error(capsys.readouterr().err).startswith(message)
 

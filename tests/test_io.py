@@ -53,7 +53,8 @@ def test_samples_and_eval_json_go_through_links_to_folders_elsewhere(tmp_path):
     (run_dir / "eval.json").symlink_to(elsewhere / "eval.json")
     exp = str(experiment_file(tmp_path, SMOKE))
     assert cli(["sample", "--exp", exp, "--run-dir", str(run_dir), "--n", "2"]) == 0
-    assert cli(["evaluate", "--exp", exp, "--run-dir", str(run_dir), "--images", str(images_file(tmp_path, SMOKE))]) == 0
+    images = str(images_file(tmp_path, SMOKE))
+    assert cli(["evaluate", "--exp", exp, "--run-dir", str(run_dir), "--images", images]) == 0
     assert (run_dir / "samples").is_symlink() and (run_dir / "eval.json").is_symlink()
     assert np.load(elsewhere / "samples" / "samples.npz")["images"].shape == (2, 8, 8, 1)
     assert json.loads((elsewhere / "eval.json").read_text())["n_images"] == 6

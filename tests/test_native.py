@@ -22,7 +22,8 @@ static struct PyModuleDef definition = {PyModuleDef_HEAD_INIT, TEXT(TORCH_EXTENS
 PyMODINIT_FUNC JOIN(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&definition); }
 """
 
-BUILD = "import sys; from stages.native import build_extension; print(build_extension('spn_test', sys.argv[1]).__name__)"
+BUILD = ("import sys; from stages.native import build_extension; "
+         "print(build_extension('spn_test', sys.argv[1]).__name__)")
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
