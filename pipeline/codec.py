@@ -166,7 +166,7 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
         raise ValueError(f"images have shape {tuple(images.shape)}, the model codes (N, {cascade.shape})")
     if images.is_floating_point() or images.dtype == torch.bool:
         raise ValueError(f"images must be integers, not {images.dtype}")
-    if images.numel() and (images.min() < 0 or images.max() >= 2**cascade.bits):
+    if images.numel() and (int(images.min()) < 0 or int(images.max()) >= 2**cascade.bits):  # ints: uint8 wraps
         raise ValueError(f"image values must be {cascade.bits}-bit integers, 0 .. {2**cascade.bits - 1}")
     if names and (len(names) != len(images) or not valid_names(list(names))):
         raise ValueError("names must be one plain file name (no folder) per image")
