@@ -125,11 +125,13 @@ def code_chunk(cascade, images: torch.Tensor | None, real: int, coder, encode: b
 @torch.no_grad()
 def probe(cascade) -> bytes:
     """8 bytes: SHA-256 of the pinned probabilities of the first steps of every stage of the cascade on
-    a fixed input (zero images). Equal on two machines if and only if their pinned arithmetic agrees
-    (up to a hash collision) on this input; the decoder checks it before any work."""
+    a fixed input (a ramp of values in every slice, so that the context stack's scaling is in it too).
+    Equal on two machines if and only if their pinned arithmetic agrees (up to a hash collision) on
+    this input; the decoder checks it before any work."""
     digest = hashlib.sha256()
     shape = (1, cascade.S**2, cascade.h, cascade.w, cascade.C)
-    known = {"msb": torch.zeros(shape, dtype=torch.long), "lsb": torch.zeros(shape, dtype=torch.long)}
+    ramp = torch.arange(torch.Size(shape).numel()).view(shape)
+    known = {"msb": ramp % 2**cascade.high_bits, "lsb": ramp % 2**(cascade.bits - cascade.high_bits)}
     for stage_name in sorted(cascade.stages):
         stage = cascade.stages[stage_name]
         k = torch.tensor(stage.modelled_slices()[-1:])
