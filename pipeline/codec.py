@@ -126,8 +126,8 @@ def code_chunk(cascade, images: torch.Tensor | None, real: int, coder, encode: b
 def probe(cascade) -> bytes:
     """8 bytes: SHA-256 of the pinned probabilities of the first steps of every stage of the cascade on
     a fixed input (a ramp of values in every slice, so that the context stack's scaling is in it too).
-    Equal on two machines if and only if their pinned arithmetic agrees (up to a hash collision) on
-    this input; the decoder checks it before any work."""
+    Two machines whose pinned arithmetic differs on this input get different probes (up to a hash
+    collision); the decoder checks it before any work, the chunk CRCs catch the rest."""
     digest = hashlib.sha256()
     shape = (1, cascade.S**2, cascade.h, cascade.w, cascade.C)
     ramp = torch.arange(torch.Size(shape).numel()).view(shape)
