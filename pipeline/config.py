@@ -87,8 +87,8 @@ def check_sections(experiment: dict, path) -> None:
 def check_arguments(experiment: dict, path) -> None:
     """Raise ConfigError for a key of the data section that SubscaleDataModule does not take (or one it
     needs and does not find), a data source key its kind does not read, or a key of a stage's model
-    section that the stage's class does not take (the geometry comes from data). (Imports the data
-    module and the stages.)"""
+    section that the stage's class does not take (the geometry comes from data), or a trainer key that
+    Lightning's Trainer does not take. (Imports the data module, the stages and Lightning.)"""
     from data.datamodule import SubscaleDataModule
     from data.sources import check_source
     from stages import GEOMETRY, STAGES
@@ -104,10 +104,14 @@ def check_arguments(experiment: dict, path) -> None:
         check_source(experiment["data"]["source"])
     except ValueError as error:
         raise ConfigError(f"{path}: {error}") from error
+    from lightning import Trainer
+
+    check_keys(experiment.get("trainer") or {}, parameters(Trainer), "trainer", path)
     for stage, spec in experiment["stages"].items():
         if stage in STAGES:
             check_keys((spec or {}).get("model") or {}, parameters(STAGES[stage], GEOMETRY),
                        f"stages.{stage}.model (the geometry is data's)", path)
+            check_keys((spec or {}).get("trainer") or {}, parameters(Trainer), f"stages.{stage}.trainer", path)
 
 
 def load_experiment(name: str | None = None, arguments: bool = True) -> dict:

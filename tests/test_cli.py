@@ -242,6 +242,10 @@ def test_make_evaluate_passes_batch_on_when_given(tmp_path):
      "width, layers"),
     (["sample"], lambda c: c["stages"]["first_slice"]["model"].update(subscale=4), "unknown key 'subscale' in "
      "stages.first_slice.model"),
+    (["train", "--stage", "first_slice"], lambda c: c["trainer"].update(max_stepz=3),
+     "unknown key 'max_stepz' in trainer (did you mean max_steps?)"),
+    (["train", "--stage", "depth_spn"], lambda c: c["stages"]["depth_spn"].update(trainer={"val_check_intervl": 3}),
+     "unknown key 'val_check_intervl' in stages.depth_spn.trainer (did you mean val_check_interval?)"),
 ])
 def test_a_misspelled_key_is_one_line_naming_it_the_file_and_the_valid_keys(tmp_path, capsys, command, edit, message):
     config = yaml.safe_load((ROOT / "conf" / "experiments" / "smoke.yaml").read_text())
