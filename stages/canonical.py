@@ -44,9 +44,8 @@ def load():
 
 def weights(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's parameters and buffers by their own names, as contiguous CPU float32 tensors (integer
-    buffers kept as int64): the one layout the C++ side reads. Raises ValueError for a layer whose
-    settings the pinned path does not compute (norm epsilons other than one shared value, a GELU
-    approximation)."""
+    buffers kept as int64): the one layout the C++ side reads, which refuses a name it does not
+    compute."""
     out = {}
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         tensor = tensor.detach().cpu()
