@@ -4,13 +4,15 @@ A source is a small dict from the experiment config (`data.source`):
 
     {kind: fashion_mnist}                              # Debian IDX files (installed when missing), else the hub
     {kind: photos, patch_size: 32}                     # scikit-image's photographs, cut into patches
+    {kind: emoji, styles: [noto, openmoji]}            # colour emoji (data.emoji), installed when missing
     {kind: hub, name: user/dataset, image_column: image, config: null}
     {kind: imagefolder, path: some/folder}
     {kind: parquet, data_files: {train: a.parquet, test: b.parquet}}   # or kind: arrow
     {kind: disk, path: saved/dataset}                  # a DatasetDict written by save_to_disk
 
 `prepare(...)` turns any of them into a DatasetDict with splits train/val/test and one
-column `image` of fixed shape (H, W, C) uint8, written once under the cache folder and
+column `image` of fixed shape (H, W, C) uint8 (and `label`, int64, for the labelled built-in
+sources: Fashion-MNIST's classes, the emoji's Unicode groups), written once under the cache folder and
 memory-mapped by every later run and DataLoader worker. Every image is decoded by
 `data.images` (orientation, bit depth, transparency, modes). The cache's name covers what
 the data is (the source's settings and, for local files, their names, sizes and
@@ -25,8 +27,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import zlib
 from collections import Counter
 from glob import glob
@@ -39,6 +39,7 @@ from filelock import FileLock
 from PIL import Image
 
 from data.images import ImageError, as_array, decode, to_channels
+from data.packages import install_packages
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,11 @@ PHOTO_SPLITS = {
     "test": ("chelsea",),
 }
 SPLIT_ALIASES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
-KINDS = ("fashion_mnist", "photos", "hub", "imagefolder", "parquet", "arrow", "disk")
+KINDS = ("fashion_mnist", "photos", "emoji", "hub", "imagefolder", "parquet", "arrow", "disk")
 SOURCE_KEYS = {  # what each kind of source reads, besides `kind`
     "fashion_mnist": ("path", "install"),
     "photos": ("patch_size", "stride"),
+    "emoji": ("styles", "install"),
     "hub": ("name", "config", "image_column", "streaming", "shuffle_buffer"),
     "imagefolder": ("path", "image_column"),
     "parquet": ("data_files", "image_column", "streaming", "shuffle_buffer"),
@@ -84,8 +86,9 @@ class SourceUnavailable(ValueError):
     """Data that cannot be had here (no network, no package): the message says what to do instead."""
 
 
-def image_features(height: int, width: int, channels: int) -> datasets.Features:
-    return datasets.Features({"image": datasets.Array3D((height, width, channels), "uint8")})
+def image_features(height: int, width: int, channels: int, labels: bool = False) -> datasets.Features:
+    features = {"image": datasets.Array3D((height, width, channels), "uint8")}
+    return datasets.Features({**features, "label": datasets.Value("int64")} if labels else features)
 
 
 # ---------------------------------------------------------------- built-in sources
@@ -109,30 +112,41 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 def install_fashion_mnist() -> bool:
     """apt-get install the Debian package of Fashion-MNIST, as root or through `sudo -n`; True if it worked."""
-    if shutil.which("apt-get") is None:
-        return False
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    if sudo and (shutil.which("sudo") is None
-                 or subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode != 0):
-        return False
-    print(f"Fashion-MNIST is missing: installing the Debian package {FASHION_MNIST_PACKAGE}", file=sys.stderr)
-    install = [*sudo, "apt-get", "install", "-y", "-q", FASHION_MNIST_PACKAGE]
-    for command in (install, [*sudo, "apt-get", "update", "-q"], install):  # update only when needed
-        done = subprocess.run(command, capture_output=True, text=True)
-        if command is install and done.returncode == 0:
-            return True
-    return False
+    return install_packages([FASHION_MNIST_PACKAGE], "Fashion-MNIST")
+
+
+def read_idx_labels(path: str | Path) -> np.ndarray:
+    """An IDX file (gzipped or not) of uint8 labels -> (N,) int64; raises ValueError in one line for a
+    file that is not one, or not whole."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        magic, count = np.frombuffer(raw[:8], dtype=">u4")
+        labels = np.frombuffer(raw[8:], dtype=np.uint8)
+    except (EOFError, gzip.BadGzipFile, zlib.error, ValueError) as error:
+        raise ValueError(f"{path} is not a whole IDX label file ({type(error).__name__}: {error}); "
+                         f"reinstall {FASHION_MNIST_PACKAGE}") from error
+    if magic != 0x801 or len(labels) != count:
+        raise ValueError(f"{path} is not a whole IDX label file; reinstall {FASHION_MNIST_PACKAGE}")
+    return labels.astype(np.int64)
 
 
 def fashion_mnist(path: str = FASHION_MNIST_DIR, install: bool = True) -> dict:
-    """Fashion-MNIST as {split: (N, 28, 28, 1) uint8} from the IDX files under `path`; installs the
-    Debian package first when they are missing (and `install`), else falls back to the hub copy."""
+    """Fashion-MNIST as {split: {"image": (N, 28, 28, 1) uint8, "label": (N,) int64 class}} from the IDX
+    files under `path` (without "label" where the label files are missing); installs the Debian
+    package first when they are missing (and `install`), else falls back to the hub copy."""
     files = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
     present = lambda: all((Path(path) / f).exists() for f in files.values())  # noqa: E731
     if not present() and install and path == FASHION_MNIST_DIR:
         install_fashion_mnist()
     if present():
-        return {split: read_idx(Path(path) / f)[..., None] for split, f in files.items()}
+        out = {split: {"image": read_idx(Path(path) / f)[..., None]} for split, f in files.items()}
+        for split, f in files.items():
+            labels = Path(path) / f.replace("images-idx3", "labels-idx1")
+            if labels.exists():
+                out[split]["label"] = read_idx_labels(labels)
+        return out
     log.warning("Fashion-MNIST IDX files not found under %s; trying the hub copy %s", path, FASHION_MNIST_HUB)
     return {"hub": {"kind": "hub", "name": FASHION_MNIST_HUB, "image_column": "image"}}
 
@@ -337,6 +351,13 @@ def build(source: dict, channels: int, image_size: tuple[int, int] | None, val_s
         arrays = fashion_mnist(source.get("path", FASHION_MNIST_DIR), source.get("install", True))
     elif kind == "photos":
         arrays = photo_patches(source.get("patch_size", 32), source.get("stride"), channels)
+    elif kind == "emoji":
+        from data.emoji import emoji
+
+        arrays = emoji(image_size[0] if image_size else 64, tuple(source.get("styles", ("noto", "openmoji"))),
+                       source.get("install", True))
+        if image_size and image_size[0] != image_size[1]:
+            raise ValueError(f"emoji are square: use one image_size, not {list(image_size)}")
     else:
         arrays = {"hub": source}
     if "hub" in arrays:  # a generic source (or Fashion-MNIST's hub fallback)
@@ -354,10 +375,13 @@ def build(source: dict, channels: int, image_size: tuple[int, int] | None, val_s
                   for split, ds in raw.items()}
     else:
         splits = {}
-        for split, images in arrays.items():
+        for split, columns in arrays.items():
+            columns = columns if isinstance(columns, dict) else {"image": columns}
+            images = columns["image"]
             if images.shape[-1] != channels or (image_size and tuple(images.shape[1:3]) != tuple(image_size)):
                 images = np.stack([fit(decode(im, channels)[0], image_size or im.shape[:2]) for im in images])
-            splits[split] = datasets.Dataset.from_dict({"image": images}, features=image_features(*images.shape[1:]))
+            splits[split] = datasets.Dataset.from_dict({**columns, "image": images},
+                                                       features=image_features(*images.shape[1:], "label" in columns))
     for split, ds in splits.items():
         if len(ds) == 0:
             raise ValueError(f"source {kind!r} yields no usable image in split {split!r}; check the path or files")
@@ -377,7 +401,7 @@ def prepare(source: dict, channels: int, image_size: tuple[int, int] | None, val
         raise ValueError(f"channels={channels} is not supported: use 1 (grey) or 3 (RGB)")
     check_source(source)
     kind = source["kind"]
-    settings = dict(source=source, channels=channels, image_size=image_size, val_size=val_size, seed=seed,
+    settings = dict(format=2, source=source, channels=channels, image_size=image_size, val_size=val_size, seed=seed,
                     background=background, files=local_files(source))
     target = Path(cache_dir) / f"{source.get('name', kind).replace('/', '_')}-{cache_key(**settings)}"
     if (target / "dataset_dict.json").exists():

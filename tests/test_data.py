@@ -108,8 +108,11 @@ def test_unknown_source_kind_is_a_clear_error(tmp_path):
 @needs_fashion_mnist
 def test_fashion_mnist_is_the_real_data():
     splits = fashion_mnist()
-    assert splits["train"].shape == (60000, 28, 28, 1) and splits["test"].shape == (10000, 28, 28, 1)
-    assert splits["train"].mean() == pytest.approx(72.94, abs=0.05)
+    assert splits["train"]["image"].shape == (60000, 28, 28, 1) and splits["test"]["image"].shape == (10000, 28, 28, 1)
+    assert splits["train"]["image"].mean() == pytest.approx(72.94, abs=0.05)
+    for split in splits.values():  # the classes, 0 to 9, of every image, in the images' order
+        assert len(split["label"]) == len(split["image"]) and set(np.unique(split["label"])) == set(range(10))
+    assert np.bincount(splits["test"]["label"]).tolist() == [1000] * 10
 
 
 def test_photo_patches_are_in_one_split_only():
@@ -173,7 +176,7 @@ if sys.argv[1] == 'install':
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     splits = sources.fashion_mnist(str(target))
     assert "install -y -q dataset-fashion-mnist" in (tmp_path / "calls").read_text()
-    assert splits["train"].shape == (3, 28, 28, 1) and splits["test"].shape == (2, 28, 28, 1)
+    assert splits["train"]["image"].shape == (3, 28, 28, 1) and splits["test"]["image"].shape == (2, 28, 28, 1)
 
 
 def test_fashion_mnist_without_package_or_hub_is_one_line(tmp_path):
