@@ -1,10 +1,10 @@
 # Subscale Pixel Networks pipeline. Every target installs what it needs first.
-#   make demo | test | data | train-all | sample | evaluate | upscale INPUT=x.png | deepen INPUT=x.png | bench
+#   make demo | test | data | train-all | sample | evaluate | quality | upscale INPUT=x.png | deepen INPUT=x.png | bench
 #   make compress INPUT=<folder|x.npz> OUT=x.spn | decompress INPUT=x.spn OUT=<folder|x.npz>
 # Variables: EXP (conf/experiments/<EXP>.yaml, or a path to a YAML file), RUN_DIR, ARGS (LightningCLI
 # overrides for training), N, TEMPERATURE, SEED, BATCH (sampling; evaluate's when given), IMAGES (evaluate
-# those images), INPUT, OUT (upscale, deepen, compress, decompress), QUICK, MINUTES (bench), PYTHON, TORCH
-# (the torch requirement installed first when torch is missing).
+# those images), FID_N (images drawn for FID/KID, 0: evaluate draws none), INCEPTION (Inception-v3 weights
+# file), INPUT, OUT (upscale, deepen, compress, decompress), QUICK, MINUTES (bench), PYTHON, TORCH.
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
 .SUFFIXES:
@@ -39,6 +39,8 @@ TEMPERATURE ?= 1.0
 SEED ?= 0
 BATCH ?= 16
 IMAGES ?=
+FID_N ?= 1000
+INCEPTION ?=
 INPUT ?=
 OUT ?=
 QUICK ?=
@@ -62,7 +64,7 @@ endif
 STAGES := $(shell $(PIPELINE) stages --exp $(EXP) 2>/dev/null || echo first_slice size_spn depth_spn)
 STAGE_CKPTS := $(foreach s,$(STAGES),$(CKPT)/$(s).ckpt)
 
-.PHONY: help install test test-fast demo data train-all train-first train-size train-depth sample evaluate \
+.PHONY: help install test test-fast demo data train-all train-first train-size train-depth sample evaluate quality \
         upscale deepen compress decompress bench clean
 
 help:
@@ -105,6 +107,11 @@ sample: train-all
 
 evaluate: train-all
 	$(PIPELINE) evaluate $(RUN) $(if $(IMAGES),--images "$(IMAGES)") $(if $(filter command line environment,$(origin BATCH)),--batch $(BATCH))
+	$(if $(filter-out 0,$(FID_N)),$(if $(IMAGES),,$(PIPELINE) quality $(RUN) --n $(FID_N) --seed $(SEED) $(if $(INCEPTION),--inception "$(INCEPTION)")))
+
+# FID and KID of FID_N images drawn at TEMPERATURE against the test split (pipeline/quality.py)
+quality: train-all
+	$(PIPELINE) quality $(RUN) --n $(FID_N) --temperature $(TEMPERATURE) --seed $(SEED) $(if $(INCEPTION),--inception "$(INCEPTION)")
 
 upscale: train-all
 	$(PIPELINE) upscale $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)

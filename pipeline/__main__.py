@@ -50,6 +50,13 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--batch", type=positive_int, default=16, help="images drawn at once (the images depend on it)")
         if name != "sample":
             c.add_argument("--input", required=True, help="the image to condition on (PNG)")
+    quality = command("quality", "FID and KID of images drawn from the cascade against the test split")
+    quality.add_argument("--n", type=positive_int, default=1000, help="number of images drawn (FID_N)")
+    quality.add_argument("--temperature", type=float, default=1.0)
+    quality.add_argument("--seed", type=int, default=0)
+    quality.add_argument("--batch", type=positive_int, default=64, help="images drawn at once")
+    quality.add_argument("--inception", default=None, help="torch-fidelity's Inception-v3 weights file: also FID/KID "
+                                                           "in its features (never downloaded)")
     for name, help in (("compress", "losslessly compress images with the cascade into one file"),
                        ("decompress", "restore the images of a file written by compress")):
         c = command(name, help)
@@ -64,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
 
 # what to lower when a command runs out of memory
 LESS_MEMORY = {"sample": "lower BATCH (and N)", "upscale": "lower BATCH (and N)", "deepen": "lower BATCH (and N)",
+               "quality": "lower BATCH (and FID_N)",
                "evaluate": "lower BATCH (make evaluate BATCH=..., 250 by default)",
                "compress": "compress the images in parts (INPUT: a few at a time)",
                "decompress": "decompress on a machine with more memory",
@@ -138,6 +146,9 @@ def run(argv) -> int:
             {"compress": compress.compress_command, "decompress": compress.decompress_command}[args.command](args)
         elif args.command == "evaluate":
             from pipeline.evaluate import main as run
+            run(args)
+        elif args.command == "quality":
+            from pipeline.quality import main as run
             run(args)
     except (ValueError, OSError) as error:  # a user's mistake or a missing file, network or disk: one line
         print(f"error: {one_line(error)}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Lightning callbacks of the training loop: the validation sample grid, plain-text progress."""
+"""Lightning callbacks of the training loop: the validation sample grid, FID/KID at validation,
+plain-text progress."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,25 @@ from einops import rearrange
 from lightning.pytorch.callbacks import Callback
 
 from pipeline.pictures import partial_image
+
+
+@torch.no_grad()
+def stage_pictures(stage, batch: dict, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a stage sees and draws, for the first n images of a validation batch: 8-bit pictures
+    (n, H, W, C) of the true images and of the stage's own samples given the true context (the
+    first-slice decoder's slice, blocky; the size SPN's high bits; the depth SPN's whole image)."""
+    truth = stage.sliced({part: batch[part][:n] for part in ("msb", "lsb")})
+    truth = {part: slices.long() for part, slices in truth.items()}
+    drawn = {part: slices.clone() for part, slices in truth.items()}
+    generator = torch.Generator(stage.device).manual_seed(seed)
+    for k in stage.modelled_slices():
+        drawn[stage.part][:, k] = stage.sample_slice(truth, k, generator=generator)[0]
+    every = set(range(stage.S**2))
+    shown = {part: (every if part in stage.context_parts else set())
+             | (set(stage.modelled_slices()) if part == stage.part else set()) for part in ("msb", "lsb")}
+    hp = stage.hparams
+    truth_pictures, drawn_pictures = (partial_image(known, shown, stage.S, hp.bits, hp.high_bits) for known in (truth, drawn))
+    return truth_pictures, drawn_pictures
 
 
 class SampleGrid(Callback):
@@ -26,20 +46,44 @@ class SampleGrid(Callback):
         log_image = getattr(trainer.logger, "log_image", None)
         if batch_idx != 0 or self.n < 1 or log_image is None or not trainer.is_global_zero:
             return
-        truth = stage.sliced({part: batch[part][: self.n] for part in ("msb", "lsb")})
-        truth = {part: slices.long() for part, slices in truth.items()}
-        drawn = {part: slices.clone() for part, slices in truth.items()}
-        generator = torch.Generator(stage.device).manual_seed(0)
-        for k in stage.modelled_slices():
-            drawn[stage.part][:, k] = stage.sample_slice(truth, k, generator=generator)[0]
-        every = set(range(stage.S**2))
-        shown = {part: (every if part in stage.context_parts else set())
-                 | (set(stage.modelled_slices()) if part == stage.part else set()) for part in ("msb", "lsb")}
-        hp = stage.hparams
-        rows = [partial_image(known, shown, stage.S, hp.bits, hp.high_bits) for known in (truth, drawn)]
+        rows = stage_pictures(stage, batch, self.n)
         grid = rearrange(torch.stack(rows), "r n h w c -> (r h) (n w) c").numpy()
         log_image(key="val/samples", images=[grid.squeeze(-1) if stage.C == 1 else grid],
                   caption=["top: data; bottom: samples given the true context"])
+
+
+class ValidationQuality(Callback):
+    """At each validation (not the sanity check), FID and KID (`pipeline.quality.fid_kid`) between the
+    stage's own samples given the true context and the true images, as `stage_pictures` draws them,
+    over the first `n` validation images, in the features of the run's feature network `net`; logged
+    as val/fid and val/kid. A cheap, noisy figure for the curve of one run (compare `make quality`'s
+    figures between runs)."""
+
+    def __init__(self, net, n: int = 64):
+        self.net, self.n = net, n
+        self.truth, self.drawn = [], []
+
+    def on_validation_epoch_start(self, trainer, stage):
+        self.truth, self.drawn = [], []
+
+    def on_validation_batch_end(self, trainer, stage, outputs, batch, batch_idx, dataloader_idx=0):
+        have = sum(len(x) for x in self.truth)
+        if trainer.sanity_checking or not trainer.is_global_zero or have >= self.n:
+            return
+        truth, drawn = stage_pictures(stage, batch, self.n - have, seed=batch_idx)
+        self.truth.append(truth)
+        self.drawn.append(drawn)
+
+    def on_validation_epoch_end(self, trainer, stage):
+        if trainer.sanity_checking or not trainer.is_global_zero or sum(len(x) for x in self.truth) < 2:
+            return
+        from pipeline.quality import fid_kid
+
+        layout = lambda pictures: torch.cat(pictures).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+        scores = fid_kid(self.net, layout(self.truth), layout(self.drawn))
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"val/fid": scores["fid"], "val/kid": scores["kid"]}, step=trainer.global_step)
+        trainer.callback_metrics["val/fid"] = torch.tensor(scores["fid"])
 
 
 class PlainProgress(Callback):
@@ -74,4 +118,5 @@ class PlainProgress(Callback):
     def on_validation_end(self, trainer, stage):
         value = trainer.callback_metrics.get("val/bpd")
         if value is not None and not trainer.sanity_checking:
-            self.line(trainer, stage, f"val/bpd {float(value):.4f}")
+            fid = trainer.callback_metrics.get("val/fid")
+            self.line(trainer, stage, f"val/bpd {float(value):.4f}" + (f", val/fid {float(fid):.2f}" if fid is not None else ""))

@@ -7,7 +7,7 @@ An experiment file has three parts:
     stages:  {first_slice|size_spn|depth_spn: {model: <stage arguments>, trainer: <overrides>}}
 
 and optional settings: name (the W&B group; the file's name by default), seed, checkpoint_every,
-sample_grid, wandb: {project: ...}. Any other key, in these sections or at the top, is refused in
+sample_grid, val_quality, wandb: {project: ...}. Any other key, in these sections or at the top, is refused in
 one line (`load_experiment`), never ignored.
 
 `lightning_config` composes them into the LightningCLI config of one stage, which
@@ -27,7 +27,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_EXPERIMENT = "fashion_mnist"
 STAGE_ORDER = ("first_slice", "size_spn", "depth_spn")
 # what an experiment file (and conf/trainer.yaml) may hold: its sections and settings, and those of a stage
-SECTIONS = ("data", "trainer", "stages", "name", "seed", "checkpoint_every", "sample_grid", "wandb")
+SECTIONS = ("data", "trainer", "stages", "name", "seed", "checkpoint_every", "sample_grid", "val_quality", "wandb")
 STAGE_SECTIONS = ("model", "trainer")
 
 

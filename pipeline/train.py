@@ -25,7 +25,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 
 from data.datamodule import SubscaleDataModule
-from pipeline.callbacks import PlainProgress, SampleGrid
+from pipeline.callbacks import PlainProgress, SampleGrid, ValidationQuality
 from pipeline.checkpoints import AtomicCheckpointIO, save_stage
 from pipeline.config import ConfigError, lightning_config, load_experiment, wandb_init_timeout
 from pipeline.tracking import wandb_failure
@@ -197,6 +197,11 @@ def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, conf
                                  every_n_train_steps=experiment.get("checkpoint_every", 200))
     callbacks = [checkpoint, LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=batch_size, window_size=10),
                  SampleGrid(experiment.get("sample_grid", 8))]
+    if experiment.get("val_quality", 0):  # FID/KID of this many validation images at each validation
+        from pipeline.quality import run_features
+
+        net = run_features(run_dir, experiment, experiment["data"]["bits"])[0]
+        callbacks.append(ValidationQuality(net, experiment["val_quality"]))
     if not sys.stdout.isatty():  # a log file: a plain line now and then instead of a redrawn bar
         callbacks.append(PlainProgress())
         overrides = ["--trainer.enable_progress_bar=false", *overrides]

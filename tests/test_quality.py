@@ -1,0 +1,152 @@
+"""FID and KID validated before they are trusted: in the project's own feature networks, real test
+images are close to real training images, and farther the more they are corrupted (noise, blur,
+shuffled slices). The feature network file: named by its hash, refused when it does not match."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from data import emoji
+from data.sources import FASHION_MNIST_DIR, fashion_mnist, image_features
+from data.transforms import from_slices, to_slices
+from pipeline import features
+from pipeline.quality import fid_kid
+
+HAVE_FASHION_MNIST = Path(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz").exists()
+HAVE_EMOJI = Path(emoji.NOTO_FONT).exists() and Path(emoji.EMOJI_TEST).exists()
+N = 500  # images on each side
+
+
+def as_split(columns: dict) -> datasets.Dataset:
+    images = columns["image"]
+    return datasets.Dataset.from_dict(columns, features=image_features(*images.shape[1:], labels=True))
+
+
+@pytest.fixture(scope="module", params=["fashion_mnist", "emoji"])
+def trained(request):
+    """(feature network, train images, test images) of a real dataset at its bits, images (N, C, H, W)."""
+    rng = np.random.default_rng(0)
+    if request.param == "fashion_mnist":
+        if not HAVE_FASHION_MNIST:
+            pytest.skip("Fashion-MNIST is not installed")
+        data, bits = fashion_mnist(), 8
+        pick = {split: rng.permutation(len(c["image"]))[:20000] for split, c in data.items()}
+        data = {split: {key: value[pick[split]] for key, value in c.items()} for split, c in data.items()}
+    else:
+        if not HAVE_EMOJI:
+            pytest.skip("the emoji packages are not installed")
+        data, bits = emoji.emoji(32, ("noto", "openmoji")), 5
+    net = features.train_network(as_split(data["train"]), bits, steps=600, log=lambda line: None)
+    shown = {split: features.as_shown(c["image"][rng.permutation(len(c["image"]))[:N]], bits)
+             for split, c in data.items()}
+    return net, shown["train"], shown["test"]
+
+
+def noisy(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    rng = torch.Generator().manual_seed(1)
+    return (images.float() + sigma * torch.randn(images.shape, generator=rng)).round().clamp(0, 255).to(torch.uint8)
+
+
+def blurred(images: torch.Tensor, radius: float) -> torch.Tensor:
+    out = []
+    for im in images.permute(0, 2, 3, 1).numpy():
+        picture = Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).filter(ImageFilter.GaussianBlur(radius))
+        out.append(np.asarray(picture).reshape(im.shape))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
+def shuffled_slices(images: torch.Tensor, swaps: int, subscale: int = 4) -> torch.Tensor:
+    """Each image's S*S slices with `swaps` random pairs of them exchanged (pixels moved up to S-1)."""
+    slices = to_slices(images.permute(0, 2, 3, 1), subscale).clone()  # (N, S*S, h, w, C)
+    rng = np.random.default_rng(2)
+    for i in range(len(slices)):
+        for _ in range(swaps):
+            a, b = rng.choice(subscale**2, 2, replace=False)
+            slices[i, [a, b]] = slices[i, [b, a]]
+    return from_slices(slices, subscale).permute(0, 3, 1, 2).contiguous()
+
+
+CORRUPTIONS = {"noise": (noisy, (8, 16, 32, 64)), "blur": (blurred, (0.5, 1.0, 2.0, 3.0)),
+               "shuffled slices": (shuffled_slices, (1, 2, 4, 8))}
+
+
+@pytest.mark.slow
+def test_test_images_are_close_to_training_images(trained):
+    """FID and KID of test against training images are as small as those of two halves of the
+    training images (the figure's own noise at this size), and smaller than the mildest corruption's."""
+    net, train, test = trained
+    between = fid_kid(net, train, test)
+    halves = fid_kid(net, train[: N // 2], train[N // 2:])
+    assert between["fid"] < 2 * halves["fid"] + 1e-3
+    for corrupt, levels in CORRUPTIONS.values():
+        mildest = fid_kid(net, train, corrupt(test, levels[0]))
+        assert between["fid"] < mildest["fid"] and between["kid"] < mildest["kid"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_fid_and_kid_grow_with_the_corruption(trained, kind):
+    net, train, test = trained
+    corrupt, levels = CORRUPTIONS[kind]
+    scores = [fid_kid(net, train, corrupt(test, level)) for level in levels]
+    fids, kids = [s["fid"] for s in scores], [s["kid"] for s in scores]
+    assert fids == sorted(fids) and len(set(fids)) == len(fids), (kind, fids)
+    assert kids == sorted(kids), (kind, kids)
+
+
+def test_fid_of_identical_sets_is_zero_and_sides_are_checked():
+    net = features.FeatureNetwork(1, 10, "labels").eval()
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    assert fid_kid(net, images, images)["fid"] == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fid_kid(net, images, images[:1])
+
+
+def small_split(n=64, labels=True, channels=1):
+    rng = np.random.default_rng(0)
+    columns = {"image": rng.integers(0, 256, (n, 8, 8, channels), dtype=np.uint8)}
+    if labels:
+        columns["label"] = rng.integers(0, 3, n)
+        return as_split(columns)
+    return datasets.Dataset.from_dict(columns, features=image_features(8, 8, channels))
+
+
+def test_feature_network_file_is_named_by_its_hash_and_checked(tmp_path):
+    splits = {"train": small_split(), "test": small_split()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features, "STEPS", 20)
+        net, record = features.feature_network(tmp_path, splits, "data-a", 8, log=lambda line: None)
+    files = list(tmp_path.glob("features-*.pt"))
+    assert [f.name for f in files] == [f"features-{record['name']}.pt"] and net.name == record["name"]
+    again, _ = features.feature_network(tmp_path, splits, "data-a", 8, log=lambda line: None)  # loaded, not trained
+    assert again.name == net.name and len(list(tmp_path.glob("features-*.pt"))) == 1
+    # tampered weights: refused in one line
+    saved_record = torch.load(files[0], weights_only=True)
+    saved_record["state_dict"]["head.bias"] += 1
+    torch.save(saved_record, files[0])
+    with pytest.raises(ValueError, match="do not hash to its name"):
+        features.load(files[0])
+
+
+def test_unlabelled_data_learns_rotations():
+    net = features.train_network(small_split(labels=False, channels=3), 8, steps=5, log=lambda line: None)
+    assert net.task == "rotation" and net.classes == 4
+    assert 0.0 <= features.accuracy(net, small_split(labels=False, channels=3), 8) <= 1.0
+
+
+def test_inception_features_without_weights_or_package_are_one_line(tmp_path):
+    images = torch.zeros((4, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="no such file.*never downloaded"):
+        fid_kid(str(tmp_path / "none.pth"), images, images)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install torch-fidelity"):
+            fid_kid(str(weights), images, images)
