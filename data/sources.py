@@ -352,12 +352,13 @@ def build(source: dict, channels: int, image_size: tuple[int, int] | None, val_s
     elif kind == "photos":
         arrays = photo_patches(source.get("patch_size", 32), source.get("stride"), channels)
     elif kind == "emoji":
-        from data.emoji import emoji
+        from data.emoji import STYLES, emoji
 
-        arrays = emoji(image_size[0] if image_size else 64, tuple(source.get("styles", ("noto", "openmoji"))),
-                       source.get("install", True))
         if image_size and image_size[0] != image_size[1]:
             raise ValueError(f"emoji are square: use one image_size, not {list(image_size)}")
+        arrays = emoji(image_size[0] if image_size else 64, source.get("styles", STYLES), source.get("install", True))
+        for columns in arrays.values():
+            del columns["base"]  # which emoji it is: for the split, not for the cache
     else:
         arrays = {"hub": source}
     if "hub" in arrays:  # a generic source (or Fashion-MNIST's hub fallback)
@@ -401,7 +402,8 @@ def prepare(source: dict, channels: int, image_size: tuple[int, int] | None, val
         raise ValueError(f"channels={channels} is not supported: use 1 (grey) or 3 (RGB)")
     check_source(source)
     kind = source["kind"]
-    settings = dict(format=2, source=source, channels=channels, image_size=image_size, val_size=val_size, seed=seed,
+    # format: 3 since the labelled sources carry a `label` column (emoji: groups without Component)
+    settings = dict(format=3, source=source, channels=channels, image_size=image_size, val_size=val_size, seed=seed,
                     background=background, files=local_files(source))
     target = Path(cache_dir) / f"{source.get('name', kind).replace('/', '_')}-{cache_key(**settings)}"
     if (target / "dataset_dict.json").exists():

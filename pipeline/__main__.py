@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
         if name != "sample":
             c.add_argument("--input", required=True, help="the image to condition on (PNG)")
     quality = command("quality", "FID and KID of images drawn from the cascade against the test split")
-    quality.add_argument("--n", type=positive_int, default=1000, help="number of images drawn (FID_N)")
+    quality.add_argument("--n", type=positive_int, default=500, help="number of images drawn (FID_N)")
     quality.add_argument("--temperature", type=float, default=1.0)
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--batch", type=positive_int, default=64, help="images drawn at once")

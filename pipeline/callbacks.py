@@ -56,8 +56,8 @@ class ValidationQuality(Callback):
     """At each validation (not the sanity check), FID and KID (`pipeline.quality.fid_kid`) between the
     stage's own samples given the true context and the true images, as `stage_pictures` draws them,
     over the first `n` validation images, in the features of the run's feature network `net`; logged
-    as val/fid and val/kid. A cheap, noisy figure for the curve of one run (compare `make quality`'s
-    figures between runs)."""
+    as val/fid and val/kid. A noisy figure for the curve of one run (compare `make quality`'s figures
+    between runs); it costs drawing the stage's slices of n images at every validation."""
 
     def __init__(self, net, n: int = 64):
         self.net, self.n = net, n

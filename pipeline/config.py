@@ -82,6 +82,9 @@ def check_sections(experiment: dict, path) -> None:
             raise ConfigError(f"{path}: {where} must be a mapping of settings, not {section!r}; "
                               f"see conf/experiments/smoke.yaml")
     check_keys(experiment.get("wandb") or {}, ("project",), "wandb", path)
+    quality = experiment.get("val_quality", 0)
+    if type(quality) is not int or quality == 1 or quality < 0:
+        raise ConfigError(f"{path}: val_quality must be a number of images, 2 or more (0: none), not {quality!r}")
 
 
 def check_arguments(experiment: dict, path) -> None:

@@ -6,7 +6,7 @@ or 64 x 64 emoji they are both costly and far from the data. As for the FID of M
 the literature, the features here are the penultimate layer of a classifier of the data itself:
 
     Fashion-MNIST   its 10 classes (the IDX label files)
-    emoji           their 9 Unicode emoji groups (data.emoji)
+    emoji           their 9 Unicode emoji groups (data.emoji; the Component group is left out)
     anything else   which of 4 rotations (0, 90, 180, 270 degrees) was applied: a self-supervised
                     task that needs no labels (Gidaris et al., ICLR 2018)
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 from pathlib import Path
 
 import datasets
@@ -161,7 +162,7 @@ def load(path: Path) -> tuple[FeatureNetwork, dict]:
         record = torch.load(path, map_location="cpu", weights_only=True)
         net = FeatureNetwork(record["channels"], record["classes"], record["task"])
         net.load_state_dict(record["state_dict"])
-    except (RuntimeError, KeyError, EOFError, OSError) as error:
+    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as error:
         raise ValueError(f"{path} is not a whole feature network file ({type(error).__name__}); delete it and "
                          f"run again to train a new one") from error
     net.name = digest(net, record["data"], record["bits"])
@@ -175,11 +176,10 @@ def feature_network(run_dir: str | Path, splits: datasets.DatasetDict, data_name
     """The run's feature network for this data and these bits: the file `run_dir/features-*.pt` made
     for them, else one trained now (on the train split, accuracy measured on the test split) and
     saved. Returns (network, record with 'name', 'task', 'test_accuracy', ...)."""
-    for path in sorted(Path(run_dir).glob("features-*.pt")):
-        if path.name.endswith(".pt"):
-            net, record = load(path)
-            if record["data"] == data_name and record["bits"] == bits:
-                return net, record
+    for path in sorted(Path(run_dir).glob("features-*.pt")):  # not the .partial-<pid> of a writer
+        net, record = load(path)
+        if record["data"] == data_name and record["bits"] == bits:
+            return net, record
     log(f"training the feature network of FID/KID on {data_name} ({STEPS} steps)")
     net = train_network(splits["train"], bits, log=log)
     test_accuracy = accuracy(net, splits["test"], bits)

@@ -46,6 +46,19 @@ def image_grid(images: torch.Tensor, columns: int | None = None, min_width: int 
     return torch.nn.functional.pad(grid.permute(2, 0, 1), (gap, 0, gap, 0), value=128).permute(1, 2, 0).numpy()
 
 
+def shown_frames(count: int, limit: int = 12) -> list[int]:
+    """Which of `count` growth frames a growth picture shows: all of them up to `limit`; else the
+    empty canvas, then frames 1, 2, 4, 8, ... (each twice as much drawn: with S = 8 and a depth stage,
+    the first slice, then ever more slices, frame 64 the whole high-bit image), frames evenly spaced
+    after the last of those (the low bits arriving) and the last frame: at most `limit` in all."""
+    if count <= limit:
+        return list(range(count))
+    powers = [2**k for k in range(count.bit_length()) if 2**k < count - 1][: limit - 2]
+    room, start, end = limit - len(powers) - 2, powers[-1], count - 1
+    tail = [start + round((end - start) * (i + 1) / (room + 1)) for i in range(room)]
+    return sorted({0, *powers, *tail, end})
+
+
 def upsample_nearest(images: torch.Tensor, factor: int) -> torch.Tensor:
     """(N, h, w, C) -> (N, h*factor, w*factor, C), each pixel repeated."""
     return repeat(images, "n h w c -> n (h i) (w j) c", i=factor, j=factor)

@@ -30,26 +30,23 @@ KID_SUBSETS = 50
 
 
 @torch.no_grad()
-def fid_kid(net: FeatureNetwork | str, real: torch.Tensor, fake: torch.Tensor, batch: int = 256) -> dict:
+def fid_kid(net: torch.nn.Module | str, real: torch.Tensor, fake: torch.Tensor, batch: int = 256) -> dict:
     """FID and KID of `fake` against `real`, both 8-bit images as (N, C, H, W) uint8, in the features
-    of `net`, or, when `net` is the path of torch-fidelity's Inception-v3 weights (pt_inception-2015-12-05),
-    in Inception's 2048 pool features (grey images repeated to 3 channels; needs `torch-fidelity`).
+    of `net` (a module with `num_features`: a FeatureNetwork, or `inception(...)`), or, when `net` is the
+    path of torch-fidelity's Inception-v3 weights (pt_inception-2015-12-05), in Inception's 2048 pool features (grey images repeated to 3 channels; needs `torch-fidelity`).
     Returns {"fid", "kid", "kid_std"}; raises ValueError for fewer than 2 images on a side, or for
     Inception weights or torch-fidelity that are not there. KID's subsets are drawn by a generator
     seeded 0, so the same images give the same figure."""
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID and KID need at least 2 images on each side, not {len(real)} and {len(fake)}")
-    subset = min(KID_SUBSET, len(real), len(fake))
+    subset = max(2, min(KID_SUBSET, len(real) // 2, len(fake) // 2))  # subsets that differ from one another
     if isinstance(net, str):
-        feature, options = 2048, inception_weights(net)
+        net = inception(net)
         real, fake = (images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images for images in (real, fake))
-    else:
-        feature, options = net, {}
-    fid = FrechetInceptionDistance(feature=feature, normalize=False, **options)
+    fid = FrechetInceptionDistance(feature=net, normalize=False)
     with warnings.catch_warnings():  # that KID keeps every feature vector: a few MB here
         warnings.filterwarnings("ignore", message=".*will save all extracted features")
-        kid = KernelInceptionDistance(feature=feature, subsets=KID_SUBSETS, subset_size=subset, normalize=False,
-                                      **options)
+        kid = KernelInceptionDistance(feature=net, subsets=KID_SUBSETS, subset_size=subset, normalize=False)
     for metric in (fid, kid):
         for images, is_real in ((real, True), (fake, False)):
             for start in range(0, len(images), batch):
@@ -63,9 +60,10 @@ def fid_kid(net: FeatureNetwork | str, real: torch.Tensor, fake: torch.Tensor, b
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def inception_weights(path: str) -> dict:
-    """torchmetrics' options for Inception features from a local weights file; ValueError in one line
-    when the file or the package torch-fidelity is missing (nothing is downloaded)."""
+def inception(path: str):
+    """torchmetrics' Inception-v3 (2048 pool features, `num_features` set) with the weights of a local
+    file; ValueError in one line when the file is missing or not those weights, or torch-fidelity is
+    not installed (nothing is downloaded)."""
     if not Path(path).is_file():
         raise ValueError(f"INCEPTION={path}: no such file; give the path of pt_inception-2015-12-05-6726825d.pth "
                          f"(torch-fidelity's Inception-v3 weights), which is never downloaded here")
@@ -73,12 +71,24 @@ def inception_weights(path: str) -> dict:
         import torch_fidelity  # noqa: F401 - torchmetrics' Inception needs it
     except ImportError as error:
         raise ValueError("Inception features need the package torch-fidelity: pip install torch-fidelity") from error
-    return {"feature_extractor_weights_path": str(path)}
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    try:
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                 feature_extractor_weights_path=str(path))
+    except Exception as error:  # noqa: BLE001 - torch.load's and load_state_dict's errors are many
+        raise ValueError(f"INCEPTION={path} is not torch-fidelity's Inception-v3 weights "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})") from error
+    net.num_features = 2048
+    return net
 
 
 def test_images(experiment: dict) -> tuple[datasets.DatasetDict, str]:
     """The experiment's prepared data (all splits) and its cache name (which names the feature network)."""
     data = SubscaleDataModule(**experiment["data"])
+    if data.streaming:
+        raise ValueError("FID and KID read the test split from a prepared cache, and this source is streamed: "
+                         "remove streaming: true (or use FID_N=0)")
     data.prepare_data()
     data.setup()
     return data.splits, data.cache_path().name
@@ -102,8 +112,7 @@ def main(args) -> None:
     from pipeline.sample import check_memory, check_sampling_settings, draw, load_cascade
 
     check_sampling_settings(args.n, args.batch, args.temperature)
-    if args.inception:
-        inception_weights(args.inception)  # before any work
+    inception_net = inception(args.inception) if args.inception else None  # checked before any work
     if args.n < 2:
         raise ValueError(f"FID_N={args.n}: FID and KID need at least 2 images")
     experiment, cascade = load_cascade(args)
@@ -116,7 +125,7 @@ def main(args) -> None:
               "feature_test_accuracy": record["test_accuracy"], "n_samples": len(fake), "n_real": len(real),
               "temperature": args.temperature, "seed": args.seed}
     if args.inception:
-        result["inception"] = fid_kid(args.inception, real, fake)
+        result["inception"] = fid_kid(inception_net, real, fake)
     out = Path(args.run_dir) / ("quality.json" if args.temperature == 1.0 else f"quality-t{args.temperature:g}.json")
     save_json(out, result)
     print(f"FID {result['fid']:.3f}, KID {result['kid']:.5f} +- {result['kid_std']:.5f} of {len(fake)} samples "

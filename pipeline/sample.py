@@ -22,7 +22,7 @@ from data.transforms import quantize, split_depth, to_slices
 from pipeline.cascade import Cascade
 from pipeline.config import data_geometry, load_experiment, stage_names
 from pipeline.io import check_shape, folder_at_once, read_image, save_gif, save_npz, save_png
-from pipeline.pictures import image_grid, to_8bit, upsample_nearest
+from pipeline.pictures import image_grid, shown_frames, to_8bit, upsample_nearest
 from pipeline.tracking import log_job
 
 
@@ -124,8 +124,9 @@ def write_outputs(out: Path, cascade: Cascade, images: torch.Tensor, log_prob: n
     with folder_at_once(out) as folder:
         save_npz(folder / "samples.npz", images=images8.numpy(), log_prob=log_prob, log_prob_drawn=log_prob_drawn)
         save_png(folder / "grid.png", image_grid(grid_images, columns))
-        steps = torch.stack([frame[shown] for frame in growth], 1)  # (images, frames, H, W, C): one row per image
-        save_png(folder / "growth.png", image_grid(steps.flatten(0, 1), columns=len(growth)))
+        frames = [growth[i] for i in shown_frames(len(growth))]
+        steps = torch.stack([frame[shown] for frame in frames], 1)  # (images, frames, H, W, C): one row per image
+        save_png(folder / "growth.png", image_grid(steps.flatten(0, 1), columns=len(frames)))
         save_gif(folder / "growth.gif", [image_grid(frame[shown], columns=shown.stop) for frame in growth])
     bpd = cascade.bpd(-log_prob.mean()) if np.isfinite(log_prob).all() else float("nan")
     print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} to {out}/ "

@@ -197,11 +197,6 @@ def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, conf
                                  every_n_train_steps=experiment.get("checkpoint_every", 200))
     callbacks = [checkpoint, LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=batch_size, window_size=10),
                  SampleGrid(experiment.get("sample_grid", 8))]
-    if experiment.get("val_quality", 0):  # FID/KID of this many validation images at each validation
-        from pipeline.quality import run_features
-
-        net = run_features(run_dir, experiment, experiment["data"]["bits"])[0]
-        callbacks.append(ValidationQuality(net, experiment["val_quality"]))
     if not sys.stdout.isatty():  # a log file: a plain line now and then instead of a redrawn bar
         callbacks.append(PlainProgress())
         overrides = ["--trainer.enable_progress_bar=false", *overrides]
@@ -209,6 +204,11 @@ def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, conf
     if set_aside_if_stale(last, cli.model, cli.datamodule, stage):
         cli = build()  # with a new W&B run id
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if experiment.get("val_quality", 0):  # FID/KID of this many validation images at each validation
+        from pipeline.quality import run_features
+
+        net = run_features(run_dir, {"data": dict(data.hparams)}, data.hparams.bits)[0]  # ARGS overrides too
+        trainer.callbacks.append(ValidationQuality(net, experiment["val_quality"]))
     if config["trainer"]["logger"]["init_args"]["mode"] == "online":
         os.environ["WANDB_INIT_TIMEOUT"] = str(wandb_init_timeout())  # WandbLogger's wandb.init reads it
         start_wandb_run(trainer.logger)

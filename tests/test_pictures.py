@@ -17,3 +17,13 @@ def test_grids_are_zoomed_by_an_integer_with_a_gap_between_images():
         assert (tile == images[i].repeat_interleave(zoom, 0).repeat_interleave(zoom, 1).numpy()).all()  # exact pixels
     assert (grid[:GAP] == 128).all() and (grid[:, cell:cell + GAP] == 128).all()  # the gaps
     assert image_grid(torch.zeros(2, 600, 600, 3, dtype=torch.uint8)).shape == (600 + 2 * GAP, 1200 + 3 * GAP, 3)
+
+
+def test_a_long_growth_shows_at_most_twelve_frames_with_the_high_bits_complete():
+    from pipeline.pictures import shown_frames
+
+    assert shown_frames(5) == [0, 1, 2, 3, 4]  # the default's five frames: all
+    for count in (13, 17, 65, 129, 1000):
+        frames = shown_frames(count)
+        assert frames[0] == 0 and frames[-1] == count - 1 and frames == sorted(set(frames)) and len(frames) <= 12
+    assert {1, 64, 128} <= set(shown_frames(129))  # S = 8 with a depth stage: first slice, all high bits, all

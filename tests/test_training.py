@@ -324,3 +324,19 @@ def test_a_second_training_of_the_same_stage_is_refused_naming_the_first(tmp_pat
         first.kill()  # kill -9: its turn ends with it
         first.wait()
     assert cli([*args, "--trainer.max_steps=2"]) == 0
+
+
+def test_val_quality_logs_fid_and_kid_with_the_runs_feature_network(tmp_path, monkeypatch):
+    """`val_quality: 8`: the feature network is trained once into the run folder (named by its hash)
+    and every validation logs val/fid and val/kid to W&B."""
+    from pipeline import features
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(features, "STEPS", 20)
+    experiment = tmp_path / "smoke_quality.yaml"
+    experiment.write_text((ROOT / "conf" / "experiments" / "smoke.yaml").read_text() + "val_quality: 8\n")
+    train_stage(str(experiment), "size_spn", tmp_path / "run", ["--trainer.max_steps=10"])
+    assert len(list((tmp_path / "run").glob("features-*.pt"))) == 1
+    run_file = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    rows = [row for row in history(run_file[0]) if "val/fid" in row]
+    assert len(rows) == 2 and all(row["val/fid"] >= 0 and "val/kid" in row for row in rows)  # steps 5 and 10
