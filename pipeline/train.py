@@ -207,7 +207,8 @@ def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, conf
     if experiment.get("val_quality", 0):  # FID/KID of this many validation images at each validation
         from pipeline.quality import run_features
 
-        net = run_features(run_dir, {"data": dict(data.hparams)}, data.hparams.bits)[0]  # ARGS overrides too
+        settings = {key: value for key, value in data.hparams.items() if not key.startswith("_")}  # ARGS overrides too
+        net = run_features(run_dir, {"data": settings}, data.hparams.bits)[0]
         trainer.callbacks.append(ValidationQuality(net, experiment["val_quality"]))
     if config["trainer"]["logger"]["init_args"]["mode"] == "online":
         os.environ["WANDB_INIT_TIMEOUT"] = str(wandb_init_timeout())  # WandbLogger's wandb.init reads it
