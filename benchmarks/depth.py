@@ -61,7 +61,7 @@ def variant(config: dict, change: dict) -> dict:
     return spec
 
 
-def run(experiment: str, minutes: float, n: int, folder: Path) -> dict:
+def run(experiment: str, minutes: float, n: int, folder: Path, test_images: int | None = None) -> dict:
     config = load_experiment(experiment)
     if n < 2:
         raise ValueError(f"--n {n}: FID and KID need at least 2 samples")
@@ -70,7 +70,10 @@ def run(experiment: str, minutes: float, n: int, folder: Path) -> dict:
     runs = folder / "depth_runs"
     net, record, splits = run_features(runs / "features", config, config["data"]["bits"])
     real = split_images(splits["test"], config["data"]["bits"])
+    scored = runs / "test_images.npz"  # the test images bits/dim is measured on (the first `test_images`)
+    np.savez(scored, images=splits["test"].with_format("numpy")[:test_images]["image"])  # 8-bit: each cascade quantises
     results = {"experiment": experiment, "minutes": minutes, "n_samples": n, "n_real": len(real),
+               "bpd_images": len(real[:test_images]),
                "features": record["name"], "feature_task": record["task"],
                "feature_test_accuracy": record["test_accuracy"], "rows": []}
     results["bits"] = config["data"]["bits"]
@@ -86,7 +89,7 @@ def run(experiment: str, minutes: float, n: int, folder: Path) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
         start = time.perf_counter()
         training = train(path, run_dir, speeds, budget, name)
-        pipeline("evaluate", "--exp", str(path), "--run-dir", str(run_dir), "--skip-compress")
+        pipeline("evaluate", "--exp", str(path), "--run-dir", str(run_dir), "--skip-compress", "--images", str(scored))
         bpd = json.loads((run_dir / "eval.json").read_text())
         pipeline("sample", "--exp", str(path), "--run-dir", str(run_dir), "--n", str(n), "--batch", "64")
         drawn = np.load(run_dir / "samples" / "samples.npz")["images"]  # 8-bit values of n-bit images
@@ -109,6 +112,7 @@ def markdown(results: dict, command: str) -> str:
            f"`{r['experiment']}`, {r['minutes']:g} training minutes per cascade; FID and KID of "
            f"{r['n_samples']} samples against the {r['n_real']} test images in feature network `{r['features']}` "
            f"({r['feature_task']}, test accuracy {r['feature_test_accuracy']:.3f}), all shown at {r['bits']} bits.\n"]
+    out.append(f"Bits/dim on the first {r['bpd_images']} test images.\n")
     out.append(table(["cascade", "stages", "test bits/dim (at its n)", "FID", "KID", "KID std", "samples"],
                      [[row["cascade"], ", ".join(f"{k} {v:.3f}" for k, v in row["stage_bpd"].items()), row["bpd"],
                        row["fid"], row["kid"], row["kid_std"], f"![]({row['grid']})"] for row in r["rows"]]))
@@ -120,12 +124,14 @@ def main() -> None:
     parser.add_argument("--exp", default="emoji64")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--n", type=int, default=500, help="samples per cascade for FID/KID")
+    parser.add_argument("--test-images", type=int, default=None, help="bits/dim on the first so many test images")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
-    results = run(args.exp, args.minutes, args.n, Path(args.out))
+    results = run(args.exp, args.minutes, args.n, Path(args.out), args.test_images)
     results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
-    command = f"python -m benchmarks.depth --exp {args.exp} --minutes {args.minutes:g} --n {args.n}"
+    command = (f"python -m benchmarks.depth --exp {args.exp} --minutes {args.minutes:g} --n {args.n}"
+               + (f" --test-images {args.test_images}" if args.test_images else ""))
     (Path(args.out) / "depth.json").write_text(json.dumps(results, indent=2) + "\n")
     (Path(args.out) / "depth.md").write_text(markdown(results, command))
     print(f"wrote {Path(args.out) / 'depth.json'} and {Path(args.out) / 'depth.md'}")

@@ -1,16 +1,22 @@
-"""Quality at equal compute: test bits/dim after the same minutes of training on this machine.
+"""Quality at equal compute: test bits/dim after the same minutes of training on this machine, for
+three models side by side in one run:
 
 * the experiment's cascade, its minutes divided among its stages as its config divides them
   (each stage's configured steps times its measured seconds per step);
 * a single full-image causal transformer of the size SPN's width, depth and heads: the
   project's own first-slice decoder at S = 1 and b = n (the Image-Transformer-like model the
-  paper improves on).
+  paper improves on);
+* PixelCNN++ (`benchmarks.pixelcnnpp`: 32 filters, 1 gated resnet per stage, 10 logistics,
+  Adam, batch 32), trained here in this process until its minutes are up.
 
-Each stage trains through the real command (`python -m pipeline train`) for as many steps
-as fit in its minutes at its measured speed (so that its learning-rate schedule completes),
-with Lightning's `max_time` as the hard limit and validation only at the end. Both are
-then scored by `python -m pipeline evaluate` on the same test images, which also reports
-PNG, lossless WebP and JPEG-XL, one image per file and as one mosaic.
+Each model first gets the same small learning-rate sweep: its configured rate times 0.5, 1 and 2,
+each trained for a fifth of the minutes and scored on validation images; the best one trains for
+the full minutes, at every point (MINUTES, and a second, longer point in the full bench). The
+cascade's and the transformer's stages train through the real command (`python -m pipeline
+train`) for as many steps as fit in their minutes at their measured speed (so that the
+learning-rate schedule completes), with Lightning's `max_time` as the hard limit and validation
+only at the end; they are scored by `python -m pipeline evaluate` on the same test images, which
+also reports PNG, lossless WebP and JPEG-XL, one image per file and as one mosaic.
 """
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
+from benchmarks.pixelcnnpp import PixelCNNpp
 from benchmarks.throughput import measure_stages
 from data.datamodule import SubscaleDataModule
 from pipeline.config import load_experiment, stage_names
@@ -51,7 +59,14 @@ def clock(seconds: float) -> str:
     return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def train(experiment_file: Path, run_dir: Path, seconds_per_step: dict, budget: dict, name: str) -> dict:
+SWEEP = (0.5, 1.0, 2.0)  # learning-rate factors every model is tried at
+PILOT = 0.2  # the share of the minutes each try of the sweep trains
+PIXELCNNPP = dict(filters=32, blocks=1, mixtures=10, lr=1e-3, batch=32)
+MODELS = ("cascade", "single_transformer", "pixelcnnpp")
+
+
+def train(experiment_file: Path, run_dir: Path, seconds_per_step: dict, budget: dict, name: str,
+          overrides: tuple = ()) -> dict:
     """Train every stage of the experiment for its budget (seconds); return steps and minutes."""
     report = {}
     for stage, seconds in budget.items():
@@ -60,45 +75,117 @@ def train(experiment_file: Path, run_dir: Path, seconds_per_step: dict, budget: 
         warmup = min(200, steps // 5)
         pipeline("train", "--exp", str(experiment_file), "--run-dir", str(run_dir), "--stage", stage,
                  f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
-                 f"--trainer.max_time={clock(seconds * 1.15 + 5)}", f"--model.warmup_steps={warmup}")
+                 f"--trainer.max_time={clock(seconds * 1.15 + 5)}", f"--model.warmup_steps={warmup}", *overrides)
         report[stage] = {"steps": steps, "minutes_with_start_and_final_validation": (time.perf_counter() - start) / 60}
         print(f"  quality: {name} {stage}: {steps} steps, {report[stage]}", flush=True)
     return report
 
 
+def base_lr(spec: dict) -> float:
+    """The learning rate the config gives the model's stages (the size SPN's, else the first slice's)."""
+    stages = spec["stages"]
+    return stages.get("size_spn", stages["first_slice"]).get("model", {}).get("lr", 3e-4)
+
+
+def train_cascade(spec: dict, path: Path, run_dir: Path, minutes: float, lr: float, images: Path,
+                  speeds: dict, name: str, compress: bool) -> dict:
+    """Train a cascade (or the single transformer) for `minutes` at learning rate `lr` (every stage),
+    then score `images` (and, with `compress`, compress them): {"bpd", "stages", "training",
+    "compressed_bpd", "codecs"}."""
+    configured = {stage: spec["stages"][stage].get("trainer", {}).get("max_steps", 1000) * speeds[stage]
+                  for stage in stage_names(spec)}
+    budget = {stage: 60 * minutes * share / sum(configured.values()) for stage, share in configured.items()}
+    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    training = train(path, run_dir, speeds, budget, name, (f"--model.lr={lr}",))
+    extra = [] if compress else ["--skip-compress"]
+    pipeline("evaluate", "--exp", str(path), "--run-dir", str(run_dir), "--images", str(images), *extra)
+    report = json.loads((run_dir / "eval.json").read_text())
+    return {"bpd": report["bpd"], "stages": report["stages"], "training": training,
+            "compressed_bpd": report.get("compressed_bpd"), "codecs": report["codecs"]}
+
+
+def train_pixelcnnpp(config: dict, minutes: float, lr: float, images: Path, seed: int = 0) -> dict:
+    """PixelCNN++ trained on the experiment's training images for `minutes` of this process at
+    learning rate `lr` (Adam, constant), scored exactly on `images`: {"bpd", "steps", "parameters"}."""
+    data_settings = {**config["data"], "batch_size": PIXELCNNPP["batch"], "num_workers": 0}
+    data = SubscaleDataModule(**data_settings)
+    data.prepare_data()
+    torch.manual_seed(seed)
+    model = PixelCNNpp(config["data"]["channels"], config["data"]["bits"], PIXELCNNPP["filters"],
+                       PIXELCNNPP["blocks"], PIXELCNNPP["mixtures"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    deadline, steps = time.perf_counter() + 60 * minutes, 0
+    while time.perf_counter() < deadline:
+        for batch in data.train_dataloader():
+            loss = model.nll(batch["image"].long()).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if time.perf_counter() >= deadline:
+                break
+    model.eval()
+    x = torch.from_numpy(np.load(images)["images"]).long() >> (8 - config["data"]["bits"])
+    with torch.no_grad():
+        nats = sum(float(model.nll(x[i:i + 250]).double().sum()) for i in range(0, len(x), 250))
+    return {"bpd": nats / (x.numel() * np.log(2)), "steps": steps,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def split_images(config: dict, split: str, count: int | None, path: Path) -> Path:
+    """Write the first `count` images of a split, 8-bit values of the n-bit images, to `path`."""
+    data = SubscaleDataModule(**{**config["data"], "eval_batch_size": 500})
+    data.prepare_data()
+    loader = data.test_dataloader() if split == "test" else data.loader("val", train=False, limit=count)
+    images = np.concatenate([batch["image"].numpy() << (8 - config["data"]["bits"]) for batch in loader])[:count]
+    np.savez(path, images=images)
+    return path
+
+
 def run(experiment: str = "fashion_mnist", minutes: float = 15.0, test_images: int | None = None,
-        folder: Path = Path("bench/runs")) -> dict:
+        folder: Path = Path("bench/runs"), longer: float | None = None, val_images: int = 1000) -> dict:
+    """The three models at `minutes` (and at `longer` minutes, when given), each at the best learning
+    rate of the sweep; the cascade of the first point stays in `folder/cascade` (the codec part
+    measures it)."""
     config = load_experiment(experiment)
     folder.mkdir(parents=True, exist_ok=True)
-    runs = {"cascade": ({**config, "checkpoint_every": 10**9}, folder / "cascade.yaml"),
+    runs = {"cascade": ({**config, "checkpoint_every": 10**9, "val_quality": 0}, folder / "cascade.yaml"),
             "single_transformer": (transformer_experiment(config), folder / "single_transformer.yaml")}
     for name, (spec, path) in runs.items():
         path.write_text(yaml.safe_dump({**spec, "name": f"bench-{name}"}, sort_keys=False))
+    test = split_images(config, "test", test_images, folder / "test_images.npz")
+    val = split_images(config, "val", val_images, folder / "val_images.npz")
+    speeds = {name: {row["stage"]: row["step_s"] for row in measure_stages(str(path), steps=6)}
+              for name, (spec, path) in runs.items()}
+    lrs = {name: base_lr(spec) for name, (spec, _) in runs.items()} | {"pixelcnnpp": PIXELCNNPP["lr"]}
 
-    # the test images both are scored on
-    data = SubscaleDataModule(**{**config["data"], "eval_batch_size": 500})
-    data.prepare_data()
-    images = np.concatenate([batch["image"].numpy() << (8 - config["data"]["bits"])
-                             for batch in data.test_dataloader()])[:test_images]
-    np.savez(folder / "test_images.npz", images=images)
+    def fit(name: str, minutes_: float, lr: float, images: Path, run_dir: Path, compress: bool = False) -> dict:
+        if name == "pixelcnnpp":
+            return train_pixelcnnpp(config, minutes_, lr, images)
+        spec, path = runs[name]
+        return train_cascade(spec, path, run_dir, minutes_, lr, images, speeds[name], name, compress)
 
-    results = {"minutes": minutes, "experiment": experiment, "test_images": len(images)}
-    for name, (spec, path) in runs.items():
-        speeds = {row["stage"]: row["step_s"] for row in measure_stages(str(path), steps=6)}
-        configured = {stage: spec["stages"][stage].get("trainer", {}).get("max_steps", 1000) * speeds[stage]
-                      for stage in stage_names(spec)}
-        budget = {stage: 60 * minutes * share / sum(configured.values()) for stage, share in configured.items()}
-        run_dir = folder / name
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        training = train(path, run_dir, speeds, budget, name)
-        extra = [] if name == "cascade" else ["--skip-compress"]
-        pipeline("evaluate", "--exp", str(path), "--run-dir", str(run_dir), "--images", str(folder / "test_images.npz"),
-                 *extra)
-        report = json.loads((run_dir / "eval.json").read_text())
-        results[name] = {"bpd": report["bpd"], "stages": report["stages"],
-                         "training": training, "compressed_bpd": report.get("compressed_bpd")}
-        results["codecs"] = report["codecs"]
-        print(f"  quality: {name}: {results[name]}", flush=True)
-    results["cascade_bpd"] = results["cascade"]["bpd"]
-    results["single_transformer_bpd"] = results["single_transformer"]["bpd"]
+    results = {"minutes": minutes, "experiment": experiment, "test_images": int(len(np.load(test)["images"])),
+               "val_images": int(len(np.load(val)["images"])), "sweep": {}, "lr": {}, "points": []}
+    pilot = max(minutes * PILOT, 0.1)
+    for name in MODELS:  # the same small sweep for every model, on validation images
+        tried = {f"{factor:g}": fit(name, pilot, lrs[name] * factor, val, folder / f"sweep_{name}")["bpd"]
+                 for factor in SWEEP}
+        best = min(tried, key=tried.get)
+        results["sweep"][name] = {"pilot_minutes": pilot, "base_lr": lrs[name], "val_bpd": tried}
+        results["lr"][name] = lrs[name] * float(best)
+        print(f"  quality: sweep {name}: {tried} -> lr {results['lr'][name]:g}", flush=True)
+    for point in [minutes] + ([longer] if longer else []):
+        row = {"minutes": point}
+        for name in MODELS:
+            run_dir = folder / name if point == minutes else folder / f"{name}_{point:g}"
+            row[name] = fit(name, point, results["lr"][name], test, run_dir, name == "cascade" and point == minutes)
+            print(f"  quality: {point:g} min {name}: {row[name]}", flush=True)
+        row["cascade_lead"] = row["pixelcnnpp"]["bpd"] - row["cascade"]["bpd"]
+        results["points"].append(row)
+    first = results["points"][0]
+    results["codecs"] = first["cascade"]["codecs"]
+    results["cascade"], results["single_transformer"], results["pixelcnnpp"] = (first[m] for m in MODELS)
+    results["cascade_bpd"], results["single_transformer_bpd"] = first["cascade"]["bpd"], first["single_transformer"]["bpd"]
+    results["pixelcnnpp_bpd"] = first["pixelcnnpp"]["bpd"]
     return results

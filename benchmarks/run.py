@@ -80,15 +80,27 @@ def markdown(results: dict) -> str:
                f"and the smaller model the rest.")
     q = results.get("quality")
     if q:
-        out.append(f"\n## Quality at equal compute ({q['minutes']:g} minutes of training each)\n\n"
-                   f"Test bits/dim on {q['test_images']} test images of `{q['experiment']}`.\n")
-        rows = [["cascade (" + ", ".join(q["cascade"]["stages"]) + ")", q["cascade_bpd"],
-                 ", ".join(f"{k} {v:.3f}" for k, v in q["cascade"]["stages"].items())],
-                ["single full-image transformer", q["single_transformer_bpd"], ""]]
-        if q["cascade"].get("compressed_bpd"):
-            rows.append(["cascade as a codec (real file, make compress)", q["cascade"]["compressed_bpd"], ""])
-        rows += [[name, value, ""] for name, value in q["codecs"].items()]
-        out.append(table(["model or codec", "test bits/dim", "stages"], rows))
+        names = {"cascade": "cascade (" + ", ".join(q["cascade"]["stages"]) + ")",
+                 "single_transformer": "single full-image transformer", "pixelcnnpp": "PixelCNN++"}
+        minutes = " and ".join(f"{p['minutes']:g}" for p in q["points"])
+        out.append(f"\n## Quality at equal compute ({minutes} minutes of training each)\n\n"
+                   f"Test bits/dim on {q['test_images']} test images of `{q['experiment']}`, each model at the best "
+                   f"learning rate of the same sweep (below).\n")
+        rows = [[names[m], *[p[m]["bpd"] for p in q["points"]]] for m in names]
+        rows.append(["cascade's lead over PixelCNN++", *[p["cascade_lead"] for p in q["points"]]])
+        out.append(table(["model", *[f"{p['minutes']:g} min" for p in q["points"]]], rows))
+        first = q["points"][0]
+        out.append(f"\nThe cascade's stages at {first['minutes']:g} minutes: "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in first["cascade"]["stages"].items())
+                   + (f"; its real compressed file {first['cascade']['compressed_bpd']:.4f}"
+                      if first["cascade"].get("compressed_bpd") else "") + ".\n")
+        out.append(f"Learning-rate sweep: each rate trained {q['sweep']['cascade']['pilot_minutes']:g} minutes, "
+                   f"validation bits/dim on {q['val_images']} validation images:\n")
+        out.append(table(["model", "base lr", *[f"x{f}" for f in q["sweep"]["cascade"]["val_bpd"]], "chosen lr"],
+                         [[names[m], q["sweep"][m]["base_lr"], *q["sweep"][m]["val_bpd"].values(), q["lr"][m]]
+                          for m in names]))
+        out.append("\nOrdinary codecs on the same test images:\n")
+        out.append(table(["codec", "test bits/dim"], [[name, value] for name, value in q["codecs"].items()]))
     c = results.get("codec")
     if c:
         out.append(f"\n## The cascade as a codec\n\n`make compress` and `make decompress` on the first {c['images']} "
@@ -119,6 +131,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per model (default 15, quick 1)")
+    parser.add_argument("--longer", type=float, default=None,
+                        help="the second, longer point of the quality comparison (default 40, quick 2; 0: none)")
     parser.add_argument("--exp", default="fashion_mnist")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args()
@@ -147,8 +161,10 @@ def main() -> None:
         except ValueError as error:  # its data cannot be had here (the emoji packages): the rest still runs
             print(f"  left out: {error}", flush=True)
     print(f"quality at {minutes:g} minutes each ...", flush=True)
+    longer = None if args.smoke else args.longer if args.longer is not None else 2 * minutes if args.quick else 40.0
     results["quality"] = quality.run(experiment, minutes, test_images=64 if args.smoke else 1000 if args.quick else None,
-                                     folder=out / "runs")
+                                     folder=out / "runs", longer=longer or None,
+                                     val_images=32 if args.smoke else 256 if args.quick else 1000)
     print("the cascade as a codec ...", flush=True)
     runs = out / "runs"
     results["codec"] = codec.run(runs / "cascade.yaml", runs / "cascade", runs / "test_images.npz",

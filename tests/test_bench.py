@@ -21,7 +21,9 @@ def test_bench_smoke_writes_both_result_files(tmp_path):
     assert {"cached_speedup", "cascade_s_per_image"} <= set(results["sampling"])
     # every sampler draws the reference's images but where a uniform falls at a float tie of the CDF
     assert all(cascade["images_agree"] for cascade in results["sampling"]["cascades"])
-    assert {"minutes", "cascade_bpd", "single_transformer_bpd", "codecs"} <= set(results["quality"])
+    assert {"minutes", "cascade_bpd", "single_transformer_bpd", "pixelcnnpp_bpd", "codecs"} <= set(results["quality"])
+    assert set(results["quality"]["sweep"]) == {"cascade", "single_transformer", "pixelcnnpp"}  # the same sweep for each
+    assert all(len(sweep["val_bpd"]) == 3 for sweep in results["quality"]["sweep"].values())
     assert results["sampling"]["decoder"]["agree"]
     assert results["codec"]["identical"]
     assert "## Quality at equal compute" in (tmp_path / "results.md").read_text()
