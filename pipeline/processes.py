@@ -10,7 +10,7 @@ computes on one thread anyway (`pipeline.codec`).
 
 Forked children inherit the model without copying it. Their results come back as
 `torch.save` bytes: torch's own sharing of tensors between processes (file descriptors in
-/dev/shm) is not needed for a few kilobytes, and was seen to stall here. A child never outlives
+/dev/shm) is not used for results of a few kilobytes. A child never outlives
 this process: on Linux the kernel kills it when this process dies, however it dies (prctl's
 PR_SET_PDEATHSIG); everywhere, this process ends its children when it stops on an exception.
 """
@@ -59,7 +59,7 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
     WorkerFailed, and so does one that shows neither progress (`counter.update`) nor its result for
     PATIENCE seconds and 10 times what this process's own share took (it hangs). Forking costs more
     the more memory this process holds (its page tables are copied, and torn down when the child
-    exits): about 25 ms for a model loaded to sample, tenths of a second for gigabytes.
+    exits).
     """
     parts = worker_count(len(items), device, workers)
     if parts == 1:
