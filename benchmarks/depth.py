@@ -71,7 +71,7 @@ def run(experiment: str, minutes: float, n: int, folder: Path, test_images: int 
     net, record, splits = run_features(runs / "features", config, config["data"]["bits"])
     real = split_images(splits["test"], config["data"]["bits"])
     scored = runs / "test_images.npz"  # the test images bits/dim is measured on (the first `test_images`)
-    np.savez(scored, images=splits["test"].with_format("numpy")[:test_images]["image"])  # 8-bit: each cascade quantises
+    np.savez(scored, images=splits["test"].with_format("numpy", dtype=np.uint8)[:test_images]["image"])  # 8-bit
     results = {"experiment": experiment, "minutes": minutes, "n_samples": n, "n_real": len(real),
                "bpd_images": len(real[:test_images]),
                "features": record["name"], "feature_task": record["task"],
