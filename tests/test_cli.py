@@ -267,7 +267,7 @@ def test_every_experiment_under_conf_loads():
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(trainr=c.pop("trainer")), "unknown key 'trainr' in the top level (did you mean trainer?); "
-     "the valid keys: data, trainer, stages, name, seed, checkpoint_every, sample_grid, wandb"),
+     "the valid keys: data, trainer, stages, name, seed, checkpoint_every, sample_grid, val_quality, wandb"),
     (lambda c: c["stages"].update(size_snp=c["stages"].pop("size_spn")), "unknown key 'size_snp' in stages "
      "(did you mean size_spn?); the valid keys: first_slice, size_spn, depth_spn"),
     (lambda c: c["stages"]["depth_spn"].update(trainr={"max_steps": 3}), "unknown key 'trainr' in stages.depth_spn "
@@ -362,3 +362,13 @@ def test_a_data_source_or_a_needed_data_key_that_is_wrong_is_one_line(tmp_path, 
     path.write_text(yaml.safe_dump(config))
     assert cli(["data", "--exp", str(path)]) == 2
     assert one_line_error(capsys.readouterr().err).startswith(f"error: {path}: {message}")
+
+
+@pytest.mark.parametrize("value", ['"64"', "true", "1", "-5"])
+def test_val_quality_that_is_not_a_number_of_images_is_one_line(tmp_path, value):
+    from pipeline.config import load_experiment
+
+    config = tmp_path / "bad.yaml"
+    config.write_text((ROOT / "conf" / "experiments" / "smoke.yaml").read_text() + f"val_quality: {value}\n")
+    with pytest.raises(ValueError, match="val_quality must be a number of images, 2 or more"):
+        load_experiment(str(config))
