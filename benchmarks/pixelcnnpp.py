@@ -23,8 +23,8 @@ def concat_elu(x: torch.Tensor) -> torch.Tensor:
 
 
 class DownShiftedConv(nn.Conv2d):
-    """A (2, 3) convolution that sees the rows above a pixel and its own row's... nothing: padded so
-    that output (i, j) reads input rows <= i and columns j-1..j+1 (the stream then shifts down)."""
+    """A (2, 3) convolution padded so that output (i, j) reads input rows <= i and columns j-1..j+1
+    (the stream shifts down afterwards, so that a pixel never sees its own row)."""
 
     def __init__(self, cin: int, cout: int, kernel=(2, 3), stride: int = 1):
         super().__init__(cin, cout, kernel, stride)
@@ -45,30 +45,20 @@ class DownRightShiftedConv(nn.Conv2d):
         return super().forward(F.pad(x, self.pad))
 
 
-class DownShiftedDeconv(nn.ConvTranspose2d):
-    """Upsampling by 2 for the down-shifted stream: output row i reads input rows <= i // 2."""
+class ShiftedDeconv(nn.ConvTranspose2d):
+    """Upsampling by 2 that keeps a stream causal: output row i reads input rows <= i // 2, and with
+    `centred` (the down-shifted stream, kernel (2, 3)) columns around j // 2, else (the
+    down-right-shifted stream, kernel (2, 2)) columns <= j // 2."""
 
-    def __init__(self, cin: int, cout: int, kernel=(2, 3)):
+    def __init__(self, cin: int, cout: int, kernel=(2, 3), centred: bool = True):
         super().__init__(cin, cout, kernel, stride=2, output_padding=1)
-        self.kernel = kernel
+        extra = kernel[1] - 1  # the columns the transposed convolution adds
+        self.rows, self.left, self.right = kernel[0] - 1, extra // 2 if centred else 0, extra - extra // 2 if centred else extra
 
     def forward(self, x):
         out = super().forward(x)
         h, w = out.shape[2:]
-        return out[:, :, : h - self.kernel[0] + 1, (self.kernel[1] - 1) // 2: w - (self.kernel[1] - 1) // 2]
-
-
-class DownRightShiftedDeconv(nn.ConvTranspose2d):
-    """Upsampling by 2 for the down-right-shifted stream."""
-
-    def __init__(self, cin: int, cout: int, kernel=(2, 2)):
-        super().__init__(cin, cout, kernel, stride=2, output_padding=1)
-        self.kernel = kernel
-
-    def forward(self, x):
-        out = super().forward(x)
-        h, w = out.shape[2:]
-        return out[:, :, : h - self.kernel[0] + 1, : w - self.kernel[1] + 1]
+        return out[:, :, : h - self.rows, self.left: w - self.right]
 
 
 def down_shift(x: torch.Tensor) -> torch.Tensor:
@@ -125,8 +115,8 @@ class PixelCNNpp(nn.Module):
         counts = (blocks, blocks + 1, blocks + 1)  # the down pass has one more block after each upsizing
         self.down_u = nn.ModuleList(nn.ModuleList(GatedResnet(f, down, 1, dropout) for _ in range(n)) for n in counts)
         self.down_ul = nn.ModuleList(nn.ModuleList(GatedResnet(f, right, 2, dropout) for _ in range(n)) for n in counts)
-        self.upsize_u = nn.ModuleList(DownShiftedDeconv(f, f) for _ in range(2))
-        self.upsize_ul = nn.ModuleList(DownRightShiftedDeconv(f, f) for _ in range(2))
+        self.upsize_u = nn.ModuleList(ShiftedDeconv(f, f, (2, 3), centred=True) for _ in range(2))
+        self.upsize_ul = nn.ModuleList(ShiftedDeconv(f, f, (2, 2), centred=False) for _ in range(2))
         per_mixture = 3 if channels == 1 else 10  # weight, mean, scale (+ for colour: 3 means, 3 scales, 3 coefficients)
         self.out = nn.Conv2d(f, per_mixture * mixtures, 1)
 
