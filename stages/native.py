@@ -106,21 +106,30 @@ def usable(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype == torch.float32 and load() is not None
 
 
-def sample_slice(fast, start_token: int, noise: torch.Tensor, temperature: float = 1.0):
-    """Draw one slice in C++: `fast`, an `IncrementalDecoder` set up for the slice (its weights and
-    input terms; B images of T sub-pixels), `noise` (B, T) uniforms. Returns values (B, T) long and
-    their log-probability at temperature 1, (B,) nats: the draws of `SliceDecoder.sample` with
-    method "cached" from the same noise, up to float rounding. Raises RuntimeError where the
-    module cannot be built."""
+def named_tensors(packed) -> dict[str, torch.Tensor]:
+    """A packed block or decoder (`stages.networks.PackedBlock`, `PackedDecoder`) as {field name: tensor},
+    the form the C++ loop reads: tensors contiguous, floats (the epsilons) as 0-d float64 tensors; other
+    fields (a decoder's blocks and heads) left out."""
+    out = {}
+    for name, value in packed._asdict().items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value.contiguous()
+        elif isinstance(value, float):
+            out[name] = torch.tensor(value, dtype=torch.float64)
+    return out
+
+
+def sample_slice(packed, start_token: int, noise: torch.Tensor, temperature: float = 1.0):
+    """Draw one slice in C++: `packed`, a `stages.networks.PackedDecoder` (`SliceDecoder.pack`) for B images
+    of T sub-pixels, `noise` (B, T) uniforms. Returns values (B, T) long and their log-probability at
+    temperature 1, (B,) nats: the draws of `SliceDecoder.sample` with method "cached" from the same
+    noise, up to float rounding. Raises RuntimeError where the module cannot be built, and for a
+    packed field the C++ loop does not compute."""
     module = load()
     if module is None:
         raise RuntimeError("the C++ slice sampler is not available on this machine: use method='fast'")
-    layers = [tensor.contiguous() for layer in fast.layers
-              for tensor in (*layer.norm1[:2], *layer.qkv, *layer.proj, *layer.norm2[:2], *layer.up, *layer.down)]
-    eps = [float(e) for layer in fast.layers for e in (layer.norm1[2], layer.norm2[2])]
-    return module.sample_slice(fast.embedding.contiguous(), fast.inputs, noise.float().contiguous(), layers, eps,
-                               fast.norm[0], fast.norm[1], float(fast.norm[2]), fast.head[0], fast.head[1],
-                               start_token, fast.heads, float(temperature))
+    return module.sample_slice(named_tensors(packed), [named_tensors(block) for block in packed.blocks],
+                               noise.float().contiguous(), start_token, packed.heads, float(temperature))
 
 
 def build() -> None:

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +90,42 @@ class SelfAttention(nn.Module):
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
+class PackedBlock(NamedTuple):
+    """One causal `Block`'s weights in the layout of the one-new-position step (`IncrementalDecoder.step`
+    and the C++ loop of `stages/slice_sampler.cpp`, which reads them by these names); made by `Block.pack`.
+
+    W width, H heads, d = W / H. Matrices are transposed for `torch.addmm` (input rows, output columns).
+    The q/k/v columns are ordered (head, q|k|v, d), so that the new query, key and value of every head
+    are views of one product, and the query's columns are pre-scaled by d**-0.5.
+    """
+
+    norm1_weight: torch.Tensor  # (W,)
+    norm1_bias: torch.Tensor  # (W,)
+    norm1_eps: float
+    qkv_weight: torch.Tensor  # (W, 3W), columns (head, q|k|v, d)
+    qkv_bias: torch.Tensor  # (3W,), the same order
+    proj_weight: torch.Tensor  # (W, W)
+    proj_bias: torch.Tensor  # (W,)
+    norm2_weight: torch.Tensor  # (W,)
+    norm2_bias: torch.Tensor  # (W,)
+    norm2_eps: float
+    up_weight: torch.Tensor  # (W, 4W), then the exact (erf) GELU
+    up_bias: torch.Tensor  # (4W,)
+    down_weight: torch.Tensor  # (4W, W)
+    down_bias: torch.Tensor  # (W,)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block (B, T, width) -> (B, T, width): x + attention(norm1(x)), then
+    + mlp(norm2(x)). The one definition of the block: `forward` computes every position at once or,
+    with a `KVCache`, the new positions given the cached ones; `pack` lays out its weights for the fast
+    one-position steps (`IncrementalDecoder`, `stages/slice_sampler.cpp`). `stages/canonical.cpp`
+    computes the same block in pinned arithmetic, reading the weights by their parameter names."""
+
+    # the parameters `pack` lays out: another one is an error there, so no fast path silently ignores it
+    PACKED = ("norm1.weight", "norm1.bias", "attention.qkv.weight", "attention.qkv.bias", "attention.proj.weight",
+              "attention.proj.bias", "norm2.weight", "norm2.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight",
+              "mlp.2.bias")
 
     def __init__(self, width: int, heads: int, dropout: float = 0.0, causal: bool = True):
         super().__init__()
@@ -102,8 +136,46 @@ class Block(nn.Module):
                                  nn.Dropout(dropout))
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0, pos: int = 0):
+        """x (B, t, width) at positions pos .. pos+t-1 -> (B, t, width); with `cache`, the keys and values
+        of this block (`layer`) at positions < pos are read from it and those of x written to it."""
         x = x + self.attention(self.norm1(x), self.causal, cache, layer, pos)
         return x + self.mlp(self.norm2(x))
+
+    def check_packable(self) -> None:
+        """Raise NotImplementedError for what the one-position steps (`pack`'s users and the codec's
+        `stages/canonical.cpp`) do not compute: a non-causal block, a parameter or buffer other than
+        those in PACKED, another activation or layer in the MLP."""
+        if not self.causal:
+            raise NotImplementedError("Block.pack: the one-position step decodes causal blocks only")
+        names = [name for name, _ in [*self.named_parameters(), *self.named_buffers()]]
+        unknown = sorted(set(names) - set(self.PACKED))
+        if unknown:
+            raise NotImplementedError(f"Block.pack: {', '.join(unknown)} not packed: compute it in Block.pack, "
+                                      f"IncrementalDecoder.step, stages/slice_sampler.cpp and stages/canonical.cpp")
+        kinds = [type(module) for module in self.mlp]
+        if kinds != [nn.Linear, nn.GELU, nn.Linear, nn.Dropout] or self.mlp[1].approximate != "none":
+            raise NotImplementedError(f"Block.pack: the one-position step computes Linear, exact GELU, Linear, "
+                                      f"Dropout, not {[kind.__name__ for kind in kinds]}")
+
+    @torch.no_grad()
+    def pack(self) -> PackedBlock:
+        """The block's weights for the one-position step (see `PackedBlock`), the reordered ones as new
+        tensors. Raises NotImplementedError as `check_packable` does."""
+        self.check_packable()
+        attention, width = self.attention, self.norm1.normalized_shape[0]
+        heads = attention.heads
+        scale = (width // heads) ** -0.5
+        weight, bias = attention.qkv.weight.clone(), attention.qkv.bias.clone()  # rows (q|k|v, head, d)
+        weight[:width] *= scale
+        bias[:width] *= scale
+        return PackedBlock(
+            self.norm1.weight.detach(), self.norm1.bias.detach(), float(self.norm1.eps),
+            rearrange(weight, "(three h d) w -> w (h three d)", three=3, h=heads).contiguous(),
+            rearrange(bias, "(three h d) -> (h three d)", three=3, h=heads).contiguous(),
+            attention.proj.weight.t().contiguous(), attention.proj.bias.detach(),
+            self.norm2.weight.detach(), self.norm2.bias.detach(), float(self.norm2.eps),
+            self.mlp[0].weight.t().contiguous(), self.mlp[0].bias.detach(),
+            self.mlp[2].weight.t().contiguous(), self.mlp[2].bias.detach())
 
 
 class ResidualConv(nn.Module):
@@ -195,6 +267,27 @@ class SliceDecoder(nn.Module):
             x = block(x, cache, layer, t)
         return self.head(self.norm(x))[:, 0]
 
+    # the decoder's own parameters and buffers that `pack` lays out (its blocks' are Block.PACKED)
+    PACKED = ("value_embedding.weight", "position", "context_projection.weight", "context_projection.bias",
+              "pixel_index", "norm.weight", "norm.bias", "head.weight", "head.bias")
+
+    @torch.no_grad()
+    def pack(self, context: torch.Tensor | None, batch: int) -> PackedDecoder:
+        """The weights and input terms for decoding one slice of `batch` images one position at a time
+        (see `PackedDecoder`), given their context (B, h*w, context_width) or None. Raises
+        NotImplementedError naming a parameter or buffer that the one-position step does not compute."""
+        names = [name for name, _ in [*self.named_parameters(), *self.named_buffers()] if not name.startswith("blocks.")]
+        unknown = sorted(set(names) - set(self.PACKED))
+        if unknown:
+            raise NotImplementedError(f"SliceDecoder.pack: {', '.join(unknown)} not packed: compute it in "
+                                      f"SliceDecoder.pack, IncrementalDecoder.step and stages/slice_sampler.cpp")
+        ctx = self.context_tokens(context)
+        inputs = self.position.expand(batch, -1, -1) if ctx is None else ctx + self.position
+        return PackedDecoder(self.value_embedding.weight.detach(), inputs.contiguous(),
+                             [block.pack() for block in self.blocks], self.norm.weight.detach(),
+                             self.norm.bias.detach(), float(self.norm.eps), self.head.weight.t().contiguous(),
+                             self.head.bias.detach(), self.cfg.heads)
+
     @torch.no_grad()
     def sample(self, batch: int, context: torch.Tensor | None = None, temperature: float = 1.0,
                generator: torch.Generator | None = None, method: str = "fast", progress=None,
@@ -222,8 +315,7 @@ class SliceDecoder(nn.Module):
         if method == "fast":
             method = "native" if native.usable(device, self.position.dtype) else "incremental"
         if method == "native":
-            values, log_prob = native.sample_slice(IncrementalDecoder(self, context, batch, cache=False),
-                                                   self.start_token, noise, temperature)
+            values, log_prob = native.sample_slice(self.pack(context, batch), self.start_token, noise, temperature)
             if progress is not None:
                 progress.update(batch * self.cfg.length)
             return values, log_prob
@@ -264,62 +356,56 @@ def inverse_cdf(log_p: torch.Tensor, uniform: torch.Tensor, temperature: float =
     return torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp_(max=log_p.shape[-1] - 1)[:, 0]
 
 
-class IncrementalDecoder:
-    """Cached decoding of one slice in few tensor operations per step (`make bench`, sampling: on a
-    CPU the step is bound by the fixed cost of each operation, not by its arithmetic).
+class PackedDecoder(NamedTuple):
+    """A `SliceDecoder` set up to decode one slice of B images one position at a time, by
+    `IncrementalDecoder.step` or the C++ loop (`stages/slice_sampler.cpp`, which reads these fields by
+    name); made by `SliceDecoder.pack`. V values, W width, T positions; matrices transposed as in
+    `PackedBlock`."""
 
-    Set up once per slice: the input terms of every position (position + context) summed; each
-    layer's weights transposed for `torch.addmm`, the query rows pre-scaled by head_dim**-0.5 and
-    the q/k/v rows reordered head by head, so that the one new query, key and value of all B*H
-    heads are views of the projection's output; keys stored transposed (B*H, head_dim, T) and
-    values (B*H, T, head_dim), so that the attention of the one new query is two `torch.bmm`
-    calls on slices of the cache. Same results as `SliceDecoder.step` up to float rounding; a
-    test holds the two to identical samples. Source: the standard KV-cached transformer decoding.
-    `cache=False` sets up the weights and input terms only, for the C++ loop (`stages.native`),
-    which keeps its own cache.
+    embedding: torch.Tensor  # (V + 1, W): the input embedding of each value, row V the start token
+    inputs: torch.Tensor  # (B, T, W): each position's learnt position plus its pixel's context term
+    blocks: list[PackedBlock]
+    norm_weight: torch.Tensor  # (W,): the final layer norm
+    norm_bias: torch.Tensor  # (W,)
+    norm_eps: float
+    head_weight: torch.Tensor  # (W, V)
+    head_bias: torch.Tensor  # (V,)
+    heads: int
+
+
+class IncrementalDecoder:
+    """Cached decoding of one slice in few tensor operations per step, from the decoder's packed
+    weights (`SliceDecoder.pack`): the same results as `SliceDecoder.step` up to float rounding (a test
+    holds the two to identical samples). On a CPU such a step is bound by the fixed cost of each
+    operation, not by its arithmetic, so the new query, key and value of all B*H heads are views of
+    one product, keys are stored transposed (B*H, d, T) and values (B*H, T, d), and the attention of
+    the one new query is two `torch.bmm` calls on slices of the cache. Source: the standard
+    key/value-cached transformer decoding.
     """
 
     @torch.no_grad()
-    def __init__(self, decoder: SliceDecoder, context: torch.Tensor | None, batch: int, cache: bool = True):
-        cfg = decoder.cfg
-        self.batch, self.heads, self.width = batch, cfg.heads, cfg.width
-        self.head_dim = head_dim = cfg.width // cfg.heads
-        device, dtype = decoder.position.device, decoder.position.dtype
-        ctx = decoder.context_tokens(context)
-        inputs = decoder.position.expand(batch, -1, -1) if ctx is None else ctx + decoder.position
-        self.inputs = inputs.contiguous()  # (B, T, W)
-        self.embedding = decoder.value_embedding.weight
-        self.layers = []
-        key_shape, value_shape = (batch * cfg.heads, head_dim, cfg.length), (batch * cfg.heads, cfg.length, head_dim)
-        for block in decoder.blocks:
-            attention, mlp = block.attention, block.mlp
-            weight, bias = attention.qkv.weight.clone(), attention.qkv.bias.clone()  # rows (three, H, head_dim)
-            weight[: cfg.width] *= head_dim**-0.5
-            bias[: cfg.width] *= head_dim**-0.5
-            weight = rearrange(weight, "(three h d) w -> w (h three d)", three=3, h=cfg.heads).contiguous()
-            bias = rearrange(bias, "(three h d) -> (h three d)", three=3, h=cfg.heads)
-            self.layers.append(SimpleNamespace(
-                norm1=(block.norm1.weight, block.norm1.bias, block.norm1.eps), qkv=(bias, weight),
-                proj=(attention.proj.bias, attention.proj.weight.t().contiguous()),
-                norm2=(block.norm2.weight, block.norm2.bias, block.norm2.eps),
-                up=(mlp[0].bias, mlp[0].weight.t().contiguous()), down=(mlp[2].bias, mlp[2].weight.t().contiguous()),
-                keys=torch.zeros(key_shape, device=device, dtype=dtype) if cache else None,
-                values=torch.zeros(value_shape, device=device, dtype=dtype) if cache else None))
-        self.norm = (decoder.norm.weight, decoder.norm.bias, decoder.norm.eps)
-        self.head = (decoder.head.bias, decoder.head.weight.t().contiguous())
+    def __init__(self, decoder: SliceDecoder, context: torch.Tensor | None, batch: int):
+        self.packed = packed = decoder.pack(context, batch)
+        self.batch, self.heads, self.width = batch, packed.heads, decoder.cfg.width
+        self.head_dim = self.width // self.heads
+        length, device, dtype = decoder.cfg.length, packed.inputs.device, packed.inputs.dtype
+        key_shape, value_shape = (batch * self.heads, self.head_dim, length), (batch * self.heads, length, self.head_dim)
+        self.keys = [torch.zeros(key_shape, device=device, dtype=dtype) for _ in packed.blocks]
+        self.values = [torch.zeros(value_shape, device=device, dtype=dtype) for _ in packed.blocks]
 
     def step(self, previous: torch.Tensor, t: int) -> torch.Tensor:
         """previous (B,) the value at t-1 (start token at t = 0) -> logits (B, n_values) for t."""
-        batch, width = self.batch, (self.width,)
-        x = self.embedding[previous] + self.inputs[:, t]  # (B, W)
-        for layer in self.layers:
-            h = F.layer_norm(x, width, *layer.norm1)
-            qkv = torch.addmm(layer.qkv[0], h, layer.qkv[1]).view(batch * self.heads, 3, self.head_dim)
-            layer.keys[:, :, t] = qkv[:, 1]
-            layer.values[:, t] = qkv[:, 2]
-            weights = torch.bmm(qkv[:, :1], layer.keys[:, :, : t + 1]).softmax(-1)  # (B*H, 1, t+1)
-            y = torch.bmm(weights, layer.values[:, : t + 1]).view(batch, -1)  # (B, W)
-            x = x + torch.addmm(layer.proj[0], y, layer.proj[1])
-            h = F.layer_norm(x, width, *layer.norm2)
-            x = x + torch.addmm(layer.down[0], F.gelu(torch.addmm(layer.up[0], h, layer.up[1])), layer.down[1])
-        return torch.addmm(self.head[0], F.layer_norm(x, width, *self.norm), self.head[1])
+        batch, width, packed = self.batch, (self.width,), self.packed
+        x = packed.embedding[previous] + packed.inputs[:, t]  # (B, W)
+        for block, keys, values in zip(packed.blocks, self.keys, self.values):
+            h = F.layer_norm(x, width, block.norm1_weight, block.norm1_bias, block.norm1_eps)
+            qkv = torch.addmm(block.qkv_bias, h, block.qkv_weight).view(batch * self.heads, 3, self.head_dim)
+            keys[:, :, t] = qkv[:, 1]
+            values[:, t] = qkv[:, 2]
+            weights = torch.bmm(qkv[:, :1], keys[:, :, : t + 1]).softmax(-1)  # (B*H, 1, t+1)
+            y = torch.bmm(weights, values[:, : t + 1]).view(batch, -1)  # (B, W)
+            x = x + torch.addmm(block.proj_bias, y, block.proj_weight)
+            h = F.layer_norm(x, width, block.norm2_weight, block.norm2_bias, block.norm2_eps)
+            x = x + torch.addmm(block.down_bias, F.gelu(torch.addmm(block.up_bias, h, block.up_weight)), block.down_weight)
+        h = F.layer_norm(x, width, packed.norm_weight, packed.norm_bias, packed.norm_eps)
+        return torch.addmm(packed.head_bias, h, packed.head_weight)

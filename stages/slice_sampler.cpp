@@ -7,11 +7,17 @@
 // on slices of the cache, by two plain loops that the compiler vectorises. Matrix products, layer
 // norms, GELU and softmax are still ATen's. Built once per machine by `stages/native.py`.
 //
+// The weights come packed by `SliceDecoder.pack` and `Block.pack` (stages/networks.py, `PackedDecoder` and
+// `PackedBlock` give the shapes), as one {field name: tensor} per decoder and per block
+// (`stages.native.named_tensors`), read here by name: a field this loop does not compute is an error.
 // Layouts (B images, H heads, head dimension d, width W = H * d, T sub-pixels, V values):
-//   qkv rows (B, 3W) ordered (head, q|k|v, d), the query pre-scaled by d**-0.5 (IncrementalDecoder);
+//   qkv rows (B, 3W) ordered (head, q|k|v, d), the query pre-scaled by d**-0.5 (`PackedBlock`);
 //   keys (B*H, d, T) and values (B*H, T, d) of each layer, position t written at step t.
 #include <torch/extension.h>
 
+#include <map>
+#include <set>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -56,34 +62,86 @@ void weigh_values(const float* __restrict__ weights, const float* __restrict__ v
   }
 }
 
-void check_cpu_float(const Tensor& tensor, const char* name) {
+void check_cpu_float(const Tensor& tensor, const std::string& name) {
   TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == torch::kFloat32 && tensor.is_contiguous(),
               name, " must be a contiguous float32 CPU tensor");
 }
 
+using Named = std::map<std::string, Tensor>;
+
+// The fields of one packed decoder or block, each read once by name; `check_all_read` refuses the rest.
+class Fields {
+ public:
+  Fields(const Named& fields, std::string what) : fields_(fields), what_(std::move(what)) {}
+
+  Tensor tensor(const std::string& name) {
+    const Tensor& value = get(name);
+    check_cpu_float(value, what_ + "." + name);
+    return value;
+  }
+
+  double scalar(const std::string& name) { return get(name).item<double>(); }
+
+  void check_all_read() const {
+    for (const auto& field : fields_)
+      TORCH_CHECK(read_.count(field.first), what_, ".", field.first,
+                  " is not computed by stages/slice_sampler.cpp: compute it there too");
+  }
+
+ private:
+  const Tensor& get(const std::string& name) {
+    const auto found = fields_.find(name);
+    TORCH_CHECK(found != fields_.end(), what_, " has no field ", name);
+    read_.insert(name);
+    return found->second;
+  }
+
+  const Named& fields_;
+  const std::string what_;
+  std::set<std::string> read_;
+};
+
+// stages/networks.py `PackedBlock`: one causal transformer block, matrices (in, out) for addmm.
+struct PackedBlock {
+  Tensor norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias;
+  Tensor norm2_weight, norm2_bias, up_weight, up_bias, down_weight, down_bias;
+  double norm1_eps, norm2_eps;
+
+  PackedBlock(const Named& fields, int64_t index) {
+    Fields f(fields, "PackedBlock " + std::to_string(index));
+    norm1_weight = f.tensor("norm1_weight"), norm1_bias = f.tensor("norm1_bias"), norm1_eps = f.scalar("norm1_eps");
+    qkv_weight = f.tensor("qkv_weight"), qkv_bias = f.tensor("qkv_bias");
+    proj_weight = f.tensor("proj_weight"), proj_bias = f.tensor("proj_bias");
+    norm2_weight = f.tensor("norm2_weight"), norm2_bias = f.tensor("norm2_bias"), norm2_eps = f.scalar("norm2_eps");
+    up_weight = f.tensor("up_weight"), up_bias = f.tensor("up_bias");
+    down_weight = f.tensor("down_weight"), down_bias = f.tensor("down_bias");
+    f.check_all_read();
+  }
+};
+
 }  // namespace
 
-// Draw the T values of one slice for B images. `layers` holds 12 tensors per transformer block:
-// norm1 weight, bias; qkv bias (3W), weight (W, 3W); proj bias, weight (W, W); norm2 weight, bias;
-// up bias, weight (W, 4W); down bias, weight (4W, W); `eps` the two layer norms' epsilons per block.
+// Draw the T values of one slice for B images: `decoder` the fields of a `PackedDecoder` but its blocks,
+// `blocks` those of each `PackedBlock`, `noise` (B, T) uniforms, `start` the start token's value.
 // Returns values (B, T) int64 and their log-probability at temperature 1, (B,) float32 nats.
-std::tuple<Tensor, Tensor> sample_slice(const Tensor& embedding, const Tensor& inputs, const Tensor& noise,
-                                        const std::vector<Tensor>& layers, const std::vector<double>& eps,
-                                        const Tensor& norm_weight, const Tensor& norm_bias, double norm_eps,
-                                        const Tensor& head_bias, const Tensor& head_weight, int64_t start,
-                                        int64_t heads, double temperature) {
+std::tuple<Tensor, Tensor> sample_slice(const Named& decoder, const std::vector<Named>& blocks, const Tensor& noise,
+                                        int64_t start, int64_t heads, double temperature) {
   torch::NoGradGuard no_grad;
-  check_cpu_float(embedding, "embedding");
-  check_cpu_float(inputs, "inputs");
+  Fields fields(decoder, "PackedDecoder");
+  const Tensor embedding = fields.tensor("embedding"), inputs = fields.tensor("inputs");
+  const Tensor norm_weight = fields.tensor("norm_weight"), norm_bias = fields.tensor("norm_bias");
+  const double norm_eps = fields.scalar("norm_eps");
+  const Tensor head_weight = fields.tensor("head_weight"), head_bias = fields.tensor("head_bias");
+  fields.check_all_read();
+  std::vector<PackedBlock> layers;
+  for (size_t l = 0; l < blocks.size(); ++l) layers.emplace_back(blocks[l], static_cast<int64_t>(l));
   check_cpu_float(noise, "noise");
   const int64_t B = inputs.size(0), T = inputs.size(1), W = inputs.size(2), V = head_weight.size(1);
-  const int64_t blocks = static_cast<int64_t>(layers.size()) / 12, d = W / heads, heads_total = B * heads;
-  TORCH_CHECK(static_cast<int64_t>(layers.size()) == 12 * blocks && static_cast<int64_t>(eps.size()) == 2 * blocks,
-              "12 tensors and 2 epsilons per block");
+  const int64_t d = W / heads, heads_total = B * heads;
   TORCH_CHECK(noise.size(0) == B && noise.size(1) == T, "noise must be (B, T)");
   const auto options = inputs.options();
   std::vector<Tensor> keys, values;
-  for (int64_t l = 0; l < blocks; ++l) {  // only positions <= t are read at step t, all written before
+  for (size_t l = 0; l < layers.size(); ++l) {  // only positions <= t are read at step t, all written before
     keys.push_back(torch::empty({heads_total, d, T}, options));
     values.push_back(torch::empty({heads_total, T, d}, options));
   }
@@ -101,18 +159,18 @@ std::tuple<Tensor, Tensor> sample_slice(const Tensor& embedding, const Tensor& i
     float* row = x.data_ptr<float>();  // x = embedding of the previous value + the input term of t
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < W; ++i) row[b * W + i] = table[previous[b] * W + i] + input[(b * T + t) * W + i];
-    for (int64_t l = 0; l < blocks; ++l) {
-      const Tensor* p = &layers[12 * l];
-      Tensor qkv = at::addmm(p[2], at::layer_norm(x, {W}, p[0], p[1], eps[2 * l]), p[3]);
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const PackedBlock& p = layers[l];
+      Tensor qkv = at::addmm(p.qkv_bias, at::layer_norm(x, {W}, p.norm1_weight, p.norm1_bias, p.norm1_eps), p.qkv_weight);
       Tensor scores = torch::empty({heads_total, t + 1}, options);
       store_and_score(qkv.data_ptr<float>(), keys[l].data_ptr<float>(), values[l].data_ptr<float>(),
                       scores.data_ptr<float>(), heads_total, d, T, t);
       Tensor weights = at::softmax(scores, -1);
       weigh_values(weights.data_ptr<float>(), values[l].data_ptr<float>(), y.data_ptr<float>(), heads_total, d, T, t);
-      x.add_(at::addmm(p[4], y, p[5]));
-      Tensor hidden = at::addmm(p[8], at::layer_norm(x, {W}, p[6], p[7], eps[2 * l + 1]), p[9]);
+      x.add_(at::addmm(p.proj_bias, y, p.proj_weight));
+      Tensor hidden = at::addmm(p.up_bias, at::layer_norm(x, {W}, p.norm2_weight, p.norm2_bias, p.norm2_eps), p.up_weight);
       at::gelu_(hidden);
-      x.add_(at::addmm(p[10], hidden, p[11]));
+      x.add_(at::addmm(p.down_bias, hidden, p.down_weight));
     }
     // inverse_cdf: the first value whose CDF reaches u * total mass (torch.searchsorted, left side)
     Tensor log_p = at::log_softmax(at::addmm(head_bias, at::layer_norm(x, {W}, norm_weight, norm_bias, norm_eps),
