@@ -59,7 +59,7 @@ $(error no experiment '$(EXP)': $(EXP_FILE) does not exist; use EXP=<one of $(ba
 endif
 endif
 
-# The stages of this experiment's cascade (no size SPN when S = 1, no depth SPN when b = n). Before
+# The stages of this experiment's cascade (no size SPN when S = 1, no depth SPN when b = n; stages/plan.py). Before
 # `make install` the command cannot run: then all three, and train-all asks again after installing.
 STAGES := $(shell $(PIPELINE) stages --exp $(EXP) 2>/dev/null || echo first_slice size_spn depth_spn)
 STAGE_CKPTS := $(foreach s,$(STAGES),$(CKPT)/$(s).ckpt)
@@ -109,7 +109,7 @@ evaluate: train-all
 	$(PIPELINE) evaluate $(RUN) $(if $(IMAGES),--images "$(IMAGES)") $(if $(filter command line environment,$(origin BATCH)),--batch $(BATCH))
 	$(if $(filter-out 0,$(FID_N)),$(if $(IMAGES),,$(PIPELINE) quality $(RUN) --n $(FID_N) --seed $(SEED) $(if $(INCEPTION),--inception "$(INCEPTION)")))
 
-# FID and KID of FID_N images drawn at TEMPERATURE against the test split (pipeline/quality.py)
+# FID and KID of FID_N images drawn at TEMPERATURE against the test split (pipeline/inference/quality.py)
 quality: train-all
 	$(PIPELINE) quality $(RUN) --n $(FID_N) --temperature $(TEMPERATURE) --seed $(SEED) $(if $(INCEPTION),--inception "$(INCEPTION)")
 

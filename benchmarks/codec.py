@@ -1,7 +1,7 @@
 """The cascade as a codec: real compressed size against the model's -log2 p(x), and encode and
 decode seconds per image, on the cascade the quality benchmark trained.
 
-`pipeline.codec` codes CHUNK images at a time with the pinned arithmetic of `stages.canonical`,
+`pipeline.codec.coder` codes CHUNK images at a time with the pinned arithmetic of `stages.canonical`,
 whatever the caller's batch (so that both sides compute bit-identical probabilities on any
 machine); that fixed chunk is the batch here. The chunks are coded in processes side by side
 (one per torch thread), and in one process for comparison.
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cascade import Cascade
-from pipeline.codec import CHUNK, compress, decompress
+from pipeline.codec.coder import CHUNK, compress, decompress
 from pipeline.config import load_experiment, stage_names
-from pipeline.processes import worker_count
+from pipeline.inference.cascade import Cascade
+from pipeline.inference.processes import worker_count
 
 
 def run(experiment_file: Path, run_dir: Path, images_file: Path, count: int) -> dict:

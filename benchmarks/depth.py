@@ -11,8 +11,8 @@ speed, so the learning-rate schedule completes):
     8 bits            n = 8, b = 8: first-slice decoder, size SPN
 
 Each is scored on the test split: exact bits/dim (comparable at the same n only) and FID/KID of
-the same number of samples at temperature 1 (`pipeline.quality`). All FID/KID here are in one
-feature network, the 5-bit experiment's (`pipeline.features`), and the 8-bit samples are shown at
+the same number of samples at temperature 1 (`pipeline.inference.quality`). All FID/KID here are in one
+feature network, the 5-bit experiment's (`pipeline.inference.features`), and the 8-bit samples are shown at
 5 bits for it, as the test images are: the figures compare what the images show at the same
 depth. Writes bench/depth.json and bench/depth.md, and each cascade's sample grid beside them.
 """
@@ -32,11 +32,10 @@ from benchmarks.quality import pipeline, train
 from benchmarks.run import machine, table
 from benchmarks.throughput import measure_stages
 from pipeline.config import load_experiment, stage_names
-from pipeline.features import as_shown
+from pipeline.inference.features import as_shown
+from pipeline.inference.pictures import image_grid
+from pipeline.inference.quality import fid_kid, run_features, split_images
 from pipeline.io import save_png
-from pipeline.pictures import image_grid
-from pipeline.quality import fid_kid, run_features, split_images
-
 
 
 def variants(data: dict) -> dict:

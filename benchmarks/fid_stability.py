@@ -1,5 +1,5 @@
 """How stable FID and KID are against the number of samples: a trained run's FID/KID from several
-seeds at several FID_N, in its own feature network (`pipeline.quality`).
+seeds at several FID_N, in its own feature network (`pipeline.inference.quality`).
 
     python -m benchmarks.fid_stability --exp fashion_mnist [--n 250 500 1000 2000] [--seeds 3]
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.run import machine
-from pipeline.features import as_shown
-from pipeline.quality import fid_kid, run_features, split_images
-from pipeline.sample import draw, load_cascade
+from pipeline.inference.features import as_shown
+from pipeline.inference.quality import fid_kid, run_features, split_images
+from pipeline.inference.sample import draw, load_cascade
 
 
 def main() -> None:

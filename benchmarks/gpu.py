@@ -17,8 +17,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.throughput import matmul_peak
-from pipeline.cascade import Cascade
+from pipeline.inference.cascade import Cascade
 from stages import STAGES
+from stages.plan import ORDER
 
 # dense bf16 peak FLOP/s of the data-centre GPUs this is likely to meet (vendor figures)
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
@@ -71,7 +72,7 @@ def run(smoke: bool) -> dict:
         low = spec["bits"] - spec["high_bits"]
         batch = {"image": x, "msb": x >> low, "lsb": x & ((1 << low) - 1)}
         stages = {}
-        for stage_name in ("first_slice", "size_spn", "depth_spn"):
+        for stage_name in ORDER:
             torch.manual_seed(0)
             stage = STAGES[stage_name](**spec, **net).to(device)
             with FlopCounterMode(display=False) as counter:

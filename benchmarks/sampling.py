@@ -2,14 +2,14 @@
 
 1. One decoder of the default experiment's size over a 28 x 28 sequence (784 sub-pixels):
    cached decoding against recomputing the whole prefix at every step (the same samples, but at
-   float ties: `pipeline.agreement`).
+   float ties: `pipeline.inference.agreement`).
 2. The whole cascade of the default experiment (28 x 28 x 1), of the previous default
    (ablations/fashion_mnist_b6: S = 4, b = 6, width 128) and of photos32 (32 x 32 x 3), at the
    sizes of their configs (random weights: speed does not depend on them). At batch 16: the
    reference (the simple cached step, `SliceDecoder.step`, in one process, as the project
    sampled before); the same on one thread; the Python fast step (`IncrementalDecoder`) and the
    C++ loop (`stages.native`) in one process; and the default sampler (the C++ loop in forked
-   processes of one thread each, `pipeline.processes`). Then the reference against the default
+   processes of one thread each, `pipeline.inference.processes`). Then the reference against the default
    at batch 1, and the default at the batch that fills the machine.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from pipeline.agreement import compare, slices_agree
-from pipeline.cascade import Cascade
 from pipeline.config import data_geometry, load_experiment, stage_names
-from pipeline.processes import worker_count
+from pipeline.inference.agreement import compare, slices_agree
+from pipeline.inference.cascade import Cascade
+from pipeline.inference.processes import worker_count
 from stages import STAGES, FirstSliceDecoder, native
 
 SAMPLERS = {"cached": "reference", "incremental": "Python fast step", "native": "C++ loop", "fast": "default"}
@@ -91,7 +91,7 @@ def cascade_speed(cascade: Cascade, batch: int, method: str, workers: int | None
 
 
 def agreement(cascade: Cascade, pairs: list) -> dict:
-    """How the images of each pair of draws (from generators seeded 0) agree (`pipeline.agreement`): equal
+    """How the images of each pair of draws (from generators seeded 0) agree (`pipeline.inference.agreement`): equal
     but at near-ties of the inverse CDF, and the log-probabilities of the equal images."""
     verdicts, differences = [], [0.0]
     for (images, log_prob, _), (other, other_log_prob, _) in pairs:

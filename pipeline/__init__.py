@@ -1,4 +1,5 @@
-"""Pipeline: the command line, training of each stage, the cascade, sampling and evaluation."""
+"""Pipeline: the command line and the training of each stage; `pipeline.inference` works on a trained
+cascade (likelihoods, sampling, evaluation, FID/KID), `pipeline.codec` compresses with it."""
 
 
 class Terminated(BaseException):
@@ -7,4 +8,4 @@ class Terminated(BaseException):
 
 
 class WorkerFailed(RuntimeError):
-    """A forked worker process (`pipeline.processes`) ended without its result, or hangs; the message says which."""
+    """A forked worker process (`pipeline.inference.processes`) ended without its result, or hangs; the message says which."""

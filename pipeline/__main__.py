@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import Terminated, WorkerFailed
+from stages.plan import ORDER
 
 
 def positive_int(text: str) -> int:
@@ -38,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     command("stages", "print the stages of the experiment's cascade")
     command("data", "prepare the experiment's data cache once")
     train = command("train", "train (or resume) one stage")
-    train.add_argument("--stage", required=True, choices=["first_slice", "size_spn", "depth_spn"])
+    train.add_argument("--stage", required=True, choices=ORDER)
     train.add_argument("overrides", nargs="*", help="LightningCLI overrides, e.g. --trainer.max_steps=100")
     for name, help in (("sample", "draw new images through the cascade"),
                        ("upscale", "super-resolution: INPUT is slice 0, draw the other slices"),
@@ -139,16 +140,16 @@ def run(argv) -> int:
             from pipeline.train import main as run
             run(args)
         elif args.command in ("sample", "upscale", "deepen"):
-            from pipeline import sample
+            from pipeline.inference import sample
             {"sample": sample.main, "upscale": sample.upscale, "deepen": sample.deepen}[args.command](args)
         elif args.command in ("compress", "decompress"):
-            from pipeline import compress
+            from pipeline.codec import compress
             {"compress": compress.compress_command, "decompress": compress.decompress_command}[args.command](args)
         elif args.command == "evaluate":
-            from pipeline.evaluate import main as run
+            from pipeline.inference.evaluate import main as run
             run(args)
         elif args.command == "quality":
-            from pipeline.quality import main as run
+            from pipeline.inference.quality import main as run
             run(args)
     except (ValueError, OSError) as error:  # a user's mistake or a missing file, network or disk: one line
         print(f"error: {one_line(error)}", file=sys.stderr)

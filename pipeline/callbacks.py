@@ -9,7 +9,8 @@ import torch
 from einops import rearrange
 from lightning.pytorch.callbacks import Callback
 
-from pipeline.pictures import partial_image
+from pipeline.inference.pictures import partial_image
+from stages.plan import known_after, plan
 
 
 @torch.no_grad()
@@ -21,11 +22,11 @@ def stage_pictures(stage, batch: dict, n: int, seed: int = 0) -> tuple[torch.Ten
     truth = {part: slices.long() for part, slices in truth.items()}
     drawn = {part: slices.clone() for part, slices in truth.items()}
     generator = torch.Generator(stage.device).manual_seed(seed)
-    for k in stage.modelled_slices():
-        drawn[stage.part][:, k] = stage.sample_slice(truth, k, generator=generator)[0]
-    every = set(range(stage.S**2))
-    shown = {part: (every if part in stage.context_parts else set())
-             | (set(stage.modelled_slices()) if part == stage.part else set()) for part in ("msb", "lsb")}
+    steps = plan([stage.stage], stage.S)
+    for step in steps:
+        drawn[step.part][:, step.k] = stage.sample_slice(truth, step.k, generator=generator)[0]
+    every = list(range(stage.S**2))
+    shown = known_after(steps, {part: every for part in steps[0].reads})  # what it reads and what it draws
     hp = stage.hparams
     truth_pictures, drawn_pictures = (partial_image(known, shown, stage.S, hp.bits, hp.high_bits) for known in (truth, drawn))
     return truth_pictures, drawn_pictures
@@ -53,7 +54,7 @@ class SampleGrid(Callback):
 
 
 class ValidationQuality(Callback):
-    """At each validation (not the sanity check), FID and KID (`pipeline.quality.fid_kid`) between the
+    """At each validation (not the sanity check), FID and KID (`pipeline.inference.quality.fid_kid`) between the
     stage's own samples given the true context and the true images, as `stage_pictures` draws them,
     over the first `n` validation images, in the features of the run's feature network `net`; logged
     as val/fid and val/kid. A noisy figure for the curve of one run (compare `make quality`'s figures
@@ -77,7 +78,7 @@ class ValidationQuality(Callback):
     def on_validation_epoch_end(self, trainer, stage):
         if trainer.sanity_checking or not trainer.is_global_zero or sum(len(x) for x in self.truth) < 2:
             return
-        from pipeline.quality import fid_kid
+        from pipeline.inference.quality import fid_kid
 
         layout = lambda pictures: torch.cat(pictures).permute(0, 3, 1, 2).contiguous()  # noqa: E731
         scores = fid_kid(self.net, layout(self.truth), layout(self.drawn))

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import yaml
 
+from stages.plan import ORDER, cascade_stages
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_EXPERIMENT = "fashion_mnist"
-STAGE_ORDER = ("first_slice", "size_spn", "depth_spn")
 # what an experiment file (and conf/trainer.yaml) may hold: its sections and settings, and those of a stage
 SECTIONS = ("data", "trainer", "stages", "name", "seed", "checkpoint_every", "sample_grid", "val_quality", "wandb")
 STAGE_SECTIONS = ("model", "trainer")
@@ -70,7 +71,7 @@ def check_sections(experiment: dict, path) -> None:
     for key in ("data", "stages"):
         if not isinstance(experiment.get(key), dict):
             raise ConfigError(f"experiment {path} has no '{key}' section; see conf/experiments/smoke.yaml")
-    check_keys(experiment["stages"], STAGE_ORDER, "stages", path)
+    check_keys(experiment["stages"], ORDER, "stages", path)
     sections = {"trainer": experiment.get("trainer"), "wandb": experiment.get("wandb")}
     for stage, spec in experiment["stages"].items():
         sections[f"stages.{stage}"] = spec
@@ -158,14 +159,10 @@ def data_geometry(experiment: dict) -> dict:
 
 
 def stage_names(experiment: dict) -> list[str]:
-    """The stages this experiment's cascade has: no size SPN when S = 1, no depth SPN when b = n."""
+    """The stages this experiment's cascade has (`stages.plan.cascade_stages`): no size SPN when S = 1,
+    no depth SPN when b = n."""
     data = experiment["data"]
-    names = ["first_slice"]
-    if data.get("subscale", 1) > 1:
-        names.append("size_spn")
-    if data.get("high_bits", 8) < data.get("bits", 8):
-        names.append("depth_spn")
-    return names
+    return cascade_stages(data.get("subscale", 1), data.get("bits", 8), data.get("high_bits", 8))
 
 
 def resolve_precision(precision) -> str:
@@ -211,8 +208,8 @@ def wandb_init_timeout() -> float:
 
 def lightning_config(experiment: dict, stage: str, run_dir: str | Path) -> dict:
     """The LightningCLI config (model, data, trainer) of one stage of the experiment."""
-    if stage not in STAGE_ORDER:
-        raise ConfigError(f"unknown stage {stage!r}: use one of {', '.join(STAGE_ORDER)}")
+    if stage not in ORDER:
+        raise ConfigError(f"unknown stage {stage!r}: use one of {', '.join(ORDER)}")
     if stage not in stage_names(experiment):
         raise ConfigError(f"experiment {experiment['name']!r} has no {stage} stage "
                           f"(its stages: {', '.join(stage_names(experiment))})")

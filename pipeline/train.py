@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import yaml
 from filelock import FileLock, Timeout
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
 
 from data.datamodule import SubscaleDataModule
@@ -205,7 +205,7 @@ def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, conf
         cli = build()  # with a new W&B run id
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if experiment.get("val_quality", 0):  # FID/KID of this many validation images at each validation
-        from pipeline.quality import run_features
+        from pipeline.inference.quality import run_features
 
         settings = {key: value for key, value in data.hparams.items() if not key.startswith("_")}  # ARGS overrides too
         net = run_features(run_dir, {"data": settings}, data.hparams.bits)[0]

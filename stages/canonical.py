@@ -2,7 +2,7 @@
 
 A compressed file decodes only where the decoder computes the encoder's probabilities bit for
 bit. PyTorch's kernels do not promise that between CPU kinds (vector width, MKL's code path and
-thread count reorder sums), so `pipeline.codec` computes the conditioning network and the cached
+thread count reorder sums), so `pipeline.codec.coder` computes the conditioning network and the cached
 slice decoder with `stages/canonical.cpp` instead: fixed order of every sum, only correctly rounded
 IEEE-754 operations, exp and erf computed from them, compiled with -ffp-contract=off. The context
 stack the conditioning network reads is built by the stage (`context_stack`) from integers by one

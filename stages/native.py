@@ -97,7 +97,7 @@ def load():
     if os.environ.get("SPN_NATIVE", "1") == "0":
         return None
     return build_extension("spn_slice_sampler", SOURCE, what="the C++ slice sampler",
-                           instead="sampling uses the Python step, about 1.5x slower")
+                           instead="sampling uses the slower Python step")
 
 
 def usable(device, dtype) -> bool:
@@ -106,16 +106,23 @@ def usable(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype == torch.float32 and load() is not None
 
 
+PASSED_APART = ("blocks", "heads")  # fields of a PackedDecoder that `sample_slice` passes as arguments of their own
+
+
 def named_tensors(packed) -> dict[str, torch.Tensor]:
     """A packed block or decoder (`stages.networks.PackedBlock`, `PackedDecoder`) as {field name: tensor},
-    the form the C++ loop reads: tensors contiguous, floats (the epsilons) as 0-d float64 tensors; other
-    fields (a decoder's blocks and heads) left out."""
+    the form the C++ loop reads: tensors contiguous, floats (the epsilons) as 0-d float64 tensors, the
+    fields in PASSED_APART left out. Raises TypeError for a field of another type, which the C++ loop
+    could not read."""
     out = {}
     for name, value in packed._asdict().items():
         if isinstance(value, torch.Tensor):
             out[name] = value.contiguous()
         elif isinstance(value, float):
             out[name] = torch.tensor(value, dtype=torch.float64)
+        elif name not in PASSED_APART:
+            raise TypeError(f"{type(packed).__name__}.{name} is a {type(value).__name__}: the C++ loop reads "
+                            f"tensors and floats by name only")
     return out
 
 

@@ -147,11 +147,14 @@ class Block(nn.Module):
         those in PACKED, another activation or layer in the MLP."""
         if not self.causal:
             raise NotImplementedError("Block.pack: the one-position step decodes causal blocks only")
-        names = [name for name, _ in [*self.named_parameters(), *self.named_buffers()]]
-        unknown = sorted(set(names) - set(self.PACKED))
+        names = {name for name, _ in [*self.named_parameters(), *self.named_buffers()]}
+        unknown, missing = sorted(names - set(self.PACKED)), sorted(set(self.PACKED) - names)
         if unknown:
             raise NotImplementedError(f"Block.pack: {', '.join(unknown)} not packed: compute it in Block.pack, "
                                       f"IncrementalDecoder.step, stages/slice_sampler.cpp and stages/canonical.cpp")
+        if missing:
+            raise NotImplementedError(f"Block.pack: the block has no {', '.join(missing)}, which the one-position "
+                                      f"steps compute")
         kinds = [type(module) for module in self.mlp]
         if kinds != [nn.Linear, nn.GELU, nn.Linear, nn.Dropout] or self.mlp[1].approximate != "none":
             raise NotImplementedError(f"Block.pack: the one-position step computes Linear, exact GELU, Linear, "
@@ -276,11 +279,15 @@ class SliceDecoder(nn.Module):
         """The weights and input terms for decoding one slice of `batch` images one position at a time
         (see `PackedDecoder`), given their context (B, h*w, context_width) or None. Raises
         NotImplementedError naming a parameter or buffer that the one-position step does not compute."""
-        names = [name for name, _ in [*self.named_parameters(), *self.named_buffers()] if not name.startswith("blocks.")]
-        unknown = sorted(set(names) - set(self.PACKED))
+        names = {name for name, _ in [*self.named_parameters(), *self.named_buffers()] if not name.startswith("blocks.")}
+        expected = {name for name in self.PACKED if self.cfg.context_width or not name.startswith("context_projection.")}
+        unknown, missing = sorted(names - expected), sorted(expected - names)
         if unknown:
             raise NotImplementedError(f"SliceDecoder.pack: {', '.join(unknown)} not packed: compute it in "
                                       f"SliceDecoder.pack, IncrementalDecoder.step and stages/slice_sampler.cpp")
+        if missing:
+            raise NotImplementedError(f"SliceDecoder.pack: the decoder has no {', '.join(missing)}, which the "
+                                      f"one-position steps compute")
         ctx = self.context_tokens(context)
         inputs = self.position.expand(batch, -1, -1) if ctx is None else ctx + self.position
         return PackedDecoder(self.value_embedding.weight.detach(), inputs.contiguous(),

@@ -109,12 +109,20 @@ struct PackedBlock {
 
   PackedBlock(const Named& fields, int64_t index) {
     Fields f(fields, "PackedBlock " + std::to_string(index));
-    norm1_weight = f.tensor("norm1_weight"), norm1_bias = f.tensor("norm1_bias"), norm1_eps = f.scalar("norm1_eps");
-    qkv_weight = f.tensor("qkv_weight"), qkv_bias = f.tensor("qkv_bias");
-    proj_weight = f.tensor("proj_weight"), proj_bias = f.tensor("proj_bias");
-    norm2_weight = f.tensor("norm2_weight"), norm2_bias = f.tensor("norm2_bias"), norm2_eps = f.scalar("norm2_eps");
-    up_weight = f.tensor("up_weight"), up_bias = f.tensor("up_bias");
-    down_weight = f.tensor("down_weight"), down_bias = f.tensor("down_bias");
+    norm1_weight = f.tensor("norm1_weight");
+    norm1_bias = f.tensor("norm1_bias");
+    qkv_weight = f.tensor("qkv_weight");
+    qkv_bias = f.tensor("qkv_bias");
+    proj_weight = f.tensor("proj_weight");
+    proj_bias = f.tensor("proj_bias");
+    norm2_weight = f.tensor("norm2_weight");
+    norm2_bias = f.tensor("norm2_bias");
+    up_weight = f.tensor("up_weight");
+    up_bias = f.tensor("up_bias");
+    down_weight = f.tensor("down_weight");
+    down_bias = f.tensor("down_bias");
+    norm1_eps = f.scalar("norm1_eps");
+    norm2_eps = f.scalar("norm2_eps");
     f.check_all_read();
   }
 };

@@ -20,9 +20,9 @@ from einops import rearrange
 from torchmetrics import MeanMetric
 
 from data.transforms import check_settings, from_sequence, to_sequence, to_slices
+from stages import plan
 from stages.metrics import bits_per_dim
 from stages.networks import ConditioningNetwork, ContextConfig, DecoderConfig, SliceDecoder
-
 
 # the settings that fix what a stage models; the data section of a config sets them for every stage
 GEOMETRY = ("image_size", "channels", "bits", "high_bits", "subscale")
@@ -91,15 +91,23 @@ class SubscaleStage(L.LightningModule):
 
     # ------------------------------------------------------------ what each stage models
     value_bits: int  # bits of the modelled sub-pixels
-    part = "msb"  # the part of the image whose slices it models: "msb" or "lsb"
-    context_parts: tuple[str, ...] = ()  # parts its conditioning network sees (of its own part: slices < k)
+
+    @property
+    def part(self) -> str:
+        """The part of the image whose slices it models, "msb" or "lsb" (`stages.plan`)."""
+        return plan.PART[self.stage]
+
+    @property
+    def context_parts(self) -> tuple[str, ...]:
+        """The parts its conditioning network sees; of its own part, the slices before k (`stages.plan`)."""
+        return plan.READS[self.stage]
 
     def check_geometry(self) -> None:
         """Raise ValueError when the geometry does not suit this stage."""
 
     def modelled_slices(self) -> list[int]:
-        """The slice ids k this stage models, in generation order."""
-        raise NotImplementedError
+        """The slice ids k this stage models, in generation order (`stages.plan`)."""
+        return plan.modelled_slices(self.stage, self.S)
 
     def context_channels(self) -> int:
         """Channels of the stacked context at slice resolution (0: no conditioning)."""
@@ -229,15 +237,11 @@ class FirstSliceDecoder(SubscaleStage):
     def value_bits(self) -> int:
         return self.hparams.high_bits
 
-    def modelled_slices(self):
-        return [0]
-
 
 class SizeSPN(SubscaleStage):
     """log p(m_k | m_<k) for k = 1 .. S*S-1."""
 
     stage = "size_spn"
-    context_parts = ("msb",)
 
     @property
     def value_bits(self) -> int:
@@ -246,9 +250,6 @@ class SizeSPN(SubscaleStage):
     def check_geometry(self):
         if self.S < 2:
             raise ValueError("the size SPN needs subscale >= 2 (with S = 1 the first slice is the whole image)")
-
-    def modelled_slices(self):
-        return list(range(1, self.S**2))
 
     def context_channels(self):
         return self.S**2 * self.C + self.S**2  # MSB slices (future ones zeroed) + presence masks
@@ -264,8 +265,6 @@ class DepthSPN(SubscaleStage):
     """log p(l_k | m, l_<k) for k = 0 .. S*S-1: the low bits given all the high bits."""
 
     stage = "depth_spn"
-    part = "lsb"
-    context_parts = ("msb", "lsb")
 
     @property
     def value_bits(self) -> int:
@@ -274,9 +273,6 @@ class DepthSPN(SubscaleStage):
     def check_geometry(self):
         if self.hparams.high_bits >= self.hparams.bits:
             raise ValueError("the depth SPN needs high_bits < bits (with b = n there are no low bits to model)")
-
-    def modelled_slices(self):
-        return list(range(self.S**2))
 
     def context_channels(self):
         return 2 * self.S**2 * self.C + self.S**2  # all MSB slices + LSB slices < k + presence masks

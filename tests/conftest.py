@@ -55,8 +55,8 @@ def uniform(stages: dict) -> dict:
 def assert_same_draws(decoder, context, seed: int, draws: dict, reference: str, temperature: float = 1.0):
     """Draws {method: (values (B, T), log_prob (B,))} of `decoder.sample` from one noise (a generator
     seeded `seed`) agree with `reference`'s: rows equal, with log-probabilities within 1e-4 nats, except
-    rows whose first difference is a near-tie of the inverse CDF (`pipeline.agreement`)."""
-    from pipeline.agreement import slices_agree
+    rows whose first difference is a near-tie of the inverse CDF (`pipeline.inference.agreement`)."""
+    from pipeline.inference.agreement import slices_agree
 
     values, log_prob = draws[reference]
     noise = torch.rand(values.shape, generator=torch.Generator().manual_seed(seed))

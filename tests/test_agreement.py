@@ -1,12 +1,12 @@
 """Two samplers of one cascade agree when their images are equal but where the first difference is
-a near-tie of the inverse CDF (`pipeline.agreement`): what the sampler tests and `make bench` hold
+a near-tie of the inverse CDF (`pipeline.inference.agreement`): what the sampler tests and `make bench` hold
 every sampler to, on any CPU."""
 import pytest
 import torch
 
 from conftest import make_stages
-from pipeline.agreement import EPSILON, compare, near_tie
-from pipeline.cascade import Cascade
+from pipeline.inference.agreement import EPSILON, compare, near_tie
+from pipeline.inference.cascade import Cascade
 from stages.networks import log_probs
 
 pytestmark = pytest.mark.float_paths  # CI runs these under other CPU kernels too (.ci/run)

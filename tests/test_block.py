@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from stages.networks import Block, DecoderConfig, IncrementalDecoder, SliceDecoder
+from conftest import make_stages
+from stages.networks import Block, ContextConfig, DecoderConfig, IncrementalDecoder, SelfAttention, SliceDecoder
 
 BASE = dict(n_values=8, slice_shape=(2, 3, 2), width=16, layers=2, heads=2, context_width=8, dropout=0.0)
 
@@ -31,13 +32,27 @@ VARIANTS = {
 }
 PATHS = ("cached", "incremental", "native", "canonical")
 
+# option of the conditioning network -> stage settings that change it, checked in the codec's pinned arithmetic
+CONTEXT_VARIANTS = {
+    "in_channels": [dict(name="depth_spn"), dict(channels=3)],
+    "n_slices": [dict(subscale=4, image_size=8)],
+    "positions": [dict(image_size=12)],
+    "width": [dict(context_width=8), dict(context_width=24)],
+    "layers": [dict(context_layers=0), dict(context_layers=2)],
+    "attention_layers": [dict(context_attention_layers=0), dict(context_attention_layers=2)],
+    "heads": [dict(heads=1), dict(heads=4)],
+}
 
-def test_every_option_of_the_decoder_and_its_block_has_variants_here():
+
+def test_every_option_of_the_networks_and_their_block_has_variants_here():
     options = {field.name for field in dataclasses.fields(DecoderConfig)}
-    options |= set(inspect.signature(Block.__init__).parameters) - {"self"}
+    for init in (Block.__init__, SelfAttention.__init__):
+        options |= set(inspect.signature(init).parameters) - {"self"}
     missing = sorted(options - set(VARIANTS))
     assert not missing, (f"{missing}: give each option values in VARIANTS of tests/test_block.py, so that every "
                          f"decoding path is checked with it")
+    missing = sorted({field.name for field in dataclasses.fields(ContextConfig)} - set(CONTEXT_VARIANTS))
+    assert not missing, f"{missing}: give each option of ContextConfig settings in CONTEXT_VARIANTS"
 
 
 def decoder_with(option: str, value) -> tuple[SliceDecoder, torch.Tensor | None]:
@@ -137,3 +152,25 @@ def test_the_cpp_loop_refuses_a_packed_field_it_does_not_compute():
     del blocks[0]["q_norm_weight"], blocks[0]["up_bias"]
     with pytest.raises(RuntimeError, match="PackedBlock 0 has no field up_bias"):
         native.load().sample_slice(fields, blocks, noise, decoder.start_token, packed.heads, 1.0)
+
+
+@pytest.mark.float_paths
+@pytest.mark.parametrize("settings", [settings for values in CONTEXT_VARIANTS.values() for settings in values],
+                         ids=lambda settings: ",".join(f"{key}={value}" for key, value in settings.items()))
+def test_the_codec_computes_the_training_context(settings):
+    """The conditioning network (its non-causal blocks too) in the codec's pinned arithmetic."""
+    from stages import canonical
+
+    settings = dict(settings)
+    name = settings.pop("name", "size_spn")
+    geometry = dict(image_size=4, channels=1, bits=4, high_bits=2, subscale=2)
+    stage = make_stages(**{**geometry, **settings})[name]
+    with torch.no_grad():
+        for parameter in stage.context_net.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    g = torch.Generator().manual_seed(2)
+    shape = (3, stage.S**2, stage.h, stage.w, stage.C)
+    known = {"msb": torch.randint(0, 4, shape, generator=g), "lsb": torch.randint(0, 4, shape, generator=g)}
+    k = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        assert torch.allclose(canonical.context(stage, known, k), stage.context(known, k), atol=1e-4)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_stages, uniform
 from data.transforms import split_depth, to_slices
-from pipeline.cascade import Cascade
+from pipeline.inference.cascade import Cascade
 
 
 def all_images(height, width, channels, bits):
@@ -129,3 +129,50 @@ def test_an_image_does_not_depend_on_how_many_processes_draw_it(conditional):
         assert torch.equal(images, alone[0])
         assert torch.allclose(log_prob, alone[1], atol=1e-4, rtol=0)
         assert len(frames) == len(alone[2]) and all(torch.equal(a, b) for a, b in zip(frames, alone[2]))
+
+
+def test_the_cascades_order_is_the_one_plan_that_sampling_scoring_coding_and_pictures_follow(monkeypatch):
+    """`stages.plan` is the order; the stages model its slices, and sampling (with its growth frames),
+    scoring, the codec and the validation grid take the slices in that order."""
+    from pipeline.callbacks import stage_pictures
+    from pipeline.codec import coder
+    from stages import SubscaleStage, canonical, plan
+
+    steps = plan.plan(["depth_spn", "first_slice", "size_spn"], 2)
+    assert [(s.stage, s.part, s.k) for s in steps] == [
+        ("first_slice", "msb", 0), ("size_spn", "msb", 1), ("size_spn", "msb", 2), ("size_spn", "msb", 3),
+        ("depth_spn", "lsb", 0), ("depth_spn", "lsb", 1), ("depth_spn", "lsb", 2), ("depth_spn", "lsb", 3)]
+    assert plan.cascade_stages(1, 8, 8) == ["first_slice"] and plan.cascade_stages(2, 5, 3) == list(plan.ORDER)
+    stages = make_stages(image_size=4, channels=1, bits=3, high_bits=2, subscale=2)
+    cascade = Cascade(stages)
+    assert cascade.plan() == steps
+    for name, stage in stages.items():
+        assert stage.modelled_slices() == [s.k for s in steps if s.stage == name]
+        assert (stage.part, stage.context_parts) == (plan.PART[name], plan.READS[name])
+
+    seen = []
+    sample_slice, slice_nll, context = SubscaleStage.sample_slice, SubscaleStage.slice_nll, canonical.context
+
+    def record(kind, stage, k):
+        seen.append((kind, stage.stage, int(k if isinstance(k, int) else k[0])))
+
+    monkeypatch.setattr(SubscaleStage, "sample_slice", lambda self, known, k, *a, **kw:
+                        (record("sample", self, k), sample_slice(self, known, k, *a, **kw))[1])
+    monkeypatch.setattr(SubscaleStage, "slice_nll", lambda self, known, k: (record("score", self, k),
+                                                                              slice_nll(self, known, k))[1])
+    monkeypatch.setattr(canonical, "context", lambda stage, known, k: (record("code", stage, k),
+                                                                       context(stage, known, k))[1])
+    order = [(s.stage, s.k) for s in steps]
+    images, _, frames = cascade.sample(2, generator=torch.Generator().manual_seed(0), frames=True, workers=1)
+    assert [(name, k) for kind, name, k in seen if kind == "sample"] == order and len(frames) == len(steps) + 1
+    seen.clear()
+    cascade.log_prob(images)
+    assert [(name, k) for kind, name, k in seen if kind == "score"] == order
+    seen.clear()
+    coder.compress(cascade, images, workers=1)
+    assert [(name, k) for kind, name, k in seen if kind == "code"][: len(order)] == order  # then the probe's
+    seen.clear()
+    stage = stages["size_spn"]
+    batch = {"msb": torch.zeros(2, 4, 4, 1, dtype=torch.long), "lsb": torch.zeros(2, 4, 4, 1, dtype=torch.long)}
+    stage_pictures(stage, batch, 2)
+    assert [(name, k) for kind, name, k in seen if kind == "sample"] == [step for step in order if step[0] == "size_spn"]

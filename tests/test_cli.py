@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -155,12 +154,12 @@ def test_interrupted_sampling_leaves_the_previous_outputs_whole(tmp_path, monkey
     exp = str(experiment_file(tmp_path, SMOKE))
     assert cli(["sample", "--exp", exp, "--run-dir", str(run_dir), "--n", "2"]) == 0
     before = {p.name: p.read_bytes() for p in (run_dir / "samples").iterdir()}
-    import pipeline.sample
+    import pipeline.inference.sample
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.sample, "save_gif", interrupted)  # Ctrl+C while the outputs are written
+    monkeypatch.setattr(pipeline.inference.sample, "save_gif", interrupted)  # Ctrl+C while the outputs are written
     assert cli(["sample", "--exp", exp, "--run-dir", str(run_dir), "--n", "3", "--seed", "1"]) == 130
     assert {p.name: p.read_bytes() for p in (run_dir / "samples").iterdir()} == before
     left = sorted(p.name for p in run_dir.iterdir() if p.name != ".samples.lock")  # the writers' lock stays
@@ -180,10 +179,10 @@ def test_a_data_section_may_leave_the_geometry_to_the_data_modules_defaults(tmp_
 
 @pytest.mark.parametrize("command", ["sample", "upscale"])
 def test_n_and_batch_far_beyond_memory_are_refused_before_sampling(tmp_path, monkeypatch, capsys, command):
-    import pipeline.sample
+    import pipeline.inference.sample
     from PIL import Image
 
-    monkeypatch.setattr(pipeline.sample, "available_memory", lambda: 8 * 2**30)  # 8 GiB here, whatever the machine
+    monkeypatch.setattr(pipeline.inference.sample, "available_memory", lambda: 8 * 2**30)  # 8 GiB here, whatever the machine
     run_dir = tmp_path / "run"
     save_cascade(make_stages(**SMOKE), run_dir)
     Image.new("L", (4, 4), 100).save(tmp_path / "low.png")
@@ -201,11 +200,11 @@ CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAlloca
 
 
 @pytest.mark.parametrize("command, failing, error, message", [
-    ("sample", "pipeline.sample.Cascade.sample", RuntimeError(CPU_ALLOCATOR),
+    ("sample", "pipeline.inference.sample.Cascade.sample", RuntimeError(CPU_ALLOCATOR),
      "error: out of memory (584.1 GiB asked for): lower BATCH (and N)"),
-    ("evaluate", "pipeline.cascade.Cascade.log_prob", "cuda", "error: out of memory (20.00 GiB asked for): lower BATCH "
-                                                             "(make evaluate BATCH=..., 250 by default)"),
-    ("compress", "pipeline.compress.compress", MemoryError("Unable to allocate 728. TiB for an array"),
+    ("evaluate", "pipeline.inference.cascade.Cascade.log_prob", "cuda",
+     "error: out of memory (20.00 GiB asked for): lower BATCH (make evaluate BATCH=..., 250 by default)"),
+    ("compress", "pipeline.codec.compress.compress", MemoryError("Unable to allocate 728. TiB for an array"),
      "error: out of memory (728. TiB asked for): compress the images in parts"),
 ])
 def test_running_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, monkeypatch, capsys, command, failing,

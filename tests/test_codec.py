@@ -11,10 +11,10 @@ import torch
 
 from conftest import make_stages, save_cascade
 from pipeline.__main__ import main as cli
-from pipeline.cascade import Cascade
-from pipeline.codec import VERSION, CodecError, compress, decompress, read_header
+from pipeline.inference.cascade import Cascade
+from pipeline.codec.coder import VERSION, CodecError, compress, decompress, read_header
 from pipeline.io import save_npz
-from pipeline.pictures import to_8bit
+from pipeline.inference.pictures import to_8bit
 from test_evaluate import experiment_file
 
 pytestmark = pytest.mark.float_paths  # CI runs these under other CPU kernels too (.ci/run)
@@ -144,7 +144,7 @@ def test_compress_and_decompress_commands(tmp_path, capsys):
 
 def test_names_in_a_file_are_plain_file_names(monkeypatch):
     """A name stored in a file becomes a file name: a crafted `../x` is refused, never written outside OUT."""
-    import pipeline.codec as codec
+    import pipeline.codec.coder as codec
 
     cascade = Cascade(make_stages(**GEOMETRIES[0]))
     images = cascade.sample(2, generator=torch.Generator().manual_seed(4))[0]
@@ -197,7 +197,7 @@ def test_the_file_costs_its_likelihood_on_a_peaked_model():
 
 
 def test_a_decode_that_goes_astray_stops_at_its_first_chunk(monkeypatch):
-    import pipeline.codec as codec
+    import pipeline.codec.coder as codec
     from stages import canonical
 
     cascade = peaked_cascade()
@@ -216,7 +216,7 @@ def test_a_decode_that_goes_astray_stops_at_its_first_chunk(monkeypatch):
 
 
 def test_a_machine_whose_arithmetic_differs_is_refused_before_any_work(monkeypatch):
-    import pipeline.codec as codec
+    import pipeline.codec.coder as codec
 
     cascade = Cascade(make_stages(**GEOMETRIES[0]))
     images = cascade.sample(4, generator=torch.Generator().manual_seed(3))[0]

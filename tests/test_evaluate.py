@@ -112,13 +112,13 @@ def test_evaluation_over_batches_is_the_sum_of_its_images_however_they_are_cut(t
 
 def test_evaluate_keeps_the_images_once_as_uint8(tmp_path, monkeypatch):
     """The images reach the codec as the one uint8 copy (an int64 copy beside it took 8 times their size)."""
-    import pipeline.evaluate
+    import pipeline.inference.evaluate
 
     geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
     save_cascade(make_stages(**geometry), tmp_path / "run")
     given = []
-    real = pipeline.evaluate.compress
-    monkeypatch.setattr(pipeline.evaluate, "compress", lambda cascade, images, **kw: given.append(images) or
+    real = pipeline.inference.evaluate.compress
+    monkeypatch.setattr(pipeline.inference.evaluate, "compress", lambda cascade, images, **kw: given.append(images) or
                         real(cascade, images, **kw))
     assert cli(["evaluate", "--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run"),
                 "--images", str(images_file(tmp_path, geometry)), "--batch", "4"]) == 0

@@ -1,7 +1,7 @@
 """Pictures a person can judge: grids at an integer zoom with a thin grey gap, at least 512 px wide."""
 import torch
 
-from pipeline.pictures import GAP, image_grid
+from pipeline.inference.pictures import GAP, image_grid
 
 
 def test_grids_are_zoomed_by_an_integer_with_a_gap_between_images():
@@ -20,7 +20,7 @@ def test_grids_are_zoomed_by_an_integer_with_a_gap_between_images():
 
 
 def test_a_long_growth_shows_at_most_twelve_frames_with_the_high_bits_complete():
-    from pipeline.pictures import shown_frames
+    from pipeline.inference.pictures import shown_frames
 
     assert shown_frames(5) == [0, 1, 2, 3, 4]  # the default's five frames: all
     for count in (13, 17, 65, 129, 1000, 5000):

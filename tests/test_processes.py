@@ -1,4 +1,4 @@
-"""Work split between forked CPU processes (`pipeline.processes`, used by `Cascade.sample`)."""
+"""Work split between forked CPU processes (`pipeline.inference.processes`, used by `Cascade.sample`)."""
 import io
 import multiprocessing
 import os
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import WorkerFailed, processes
-from pipeline.processes import in_processes, worker_count
+from pipeline import WorkerFailed
+from pipeline.inference import processes
+from pipeline.inference.processes import in_processes, worker_count
 from pipeline.progress import PlainBar, progress_bar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def gone(pid: int, seconds: float) -> bool:
 ORPHAN = """
 import os, signal, sys, time
 from pathlib import Path
-from pipeline.processes import in_processes
+from pipeline.inference.processes import in_processes
 from pipeline.progress import progress_bar
 
 def job(items, counter):
@@ -205,8 +206,9 @@ def test_a_worker_dies_with_its_parent_even_by_kill_9(tmp_path):
 TERMINATED = """
 import os, sys, time
 from pathlib import Path
-from pipeline import __main__ as command_line, sample
-from pipeline.processes import in_processes
+from pipeline import __main__ as command_line
+from pipeline.inference import sample
+from pipeline.inference.processes import in_processes
 from pipeline.progress import progress_bar
 
 def job(items, counter):

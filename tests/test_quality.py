@@ -14,8 +14,8 @@ from PIL import Image, ImageFilter
 from data import emoji
 from data.sources import FASHION_MNIST_DIR, fashion_mnist, image_features
 from data.transforms import from_slices, to_slices
-from pipeline import features
-from pipeline.quality import fid_kid
+from pipeline.inference import features
+from pipeline.inference.quality import fid_kid
 
 HAVE_FASHION_MNIST = Path(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz").exists()
 HAVE_EMOJI = Path(emoji.NOTO_FONT).exists() and Path(emoji.EMOJI_TEST).exists()

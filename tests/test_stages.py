@@ -69,6 +69,25 @@ def test_context_sees_earlier_slices():
         assert not torch.allclose(slice_logits(stage, changed, 3), slice_logits(stage, known, 3), atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["size_spn", "depth_spn"])
+def test_each_stages_context_reads_what_the_cascades_plan_says(name):
+    """The context of slice k changes with a slice exactly when `stages.plan.READS` names its part (of
+    the stage's own part, only the slices before k)."""
+    from stages.plan import PART, READS
+
+    stage = make_stages(subscale=2)[name]
+    known, k = random_known(stage), 2
+    ids = torch.full((2,), k)
+    with torch.no_grad():
+        base = stage.context(known, ids)
+        for part, levels in (("msb", 2**stage.hparams.high_bits), ("lsb", 2 ** (stage.hparams.bits - stage.hparams.high_bits))):
+            for j in range(stage.S**2):
+                changed = {p: v.clone() for p, v in known.items()}
+                changed[part][:, j] = (changed[part][:, j] + 1) % levels
+                read = part in READS[name] and (part != PART[name] or j < k)
+                assert (not torch.allclose(stage.context(changed, ids), base, atol=1e-6)) == read, (part, j)
+
+
 @pytest.mark.parametrize("name", ["first_slice", "size_spn", "depth_spn"])
 def test_monte_carlo_estimator_averages_to_the_exact_nll(name):
     stage = make_stages(subscale=2)[name]

@@ -329,7 +329,7 @@ def test_a_second_training_of_the_same_stage_is_refused_naming_the_first(tmp_pat
 def test_val_quality_logs_fid_and_kid_with_the_runs_feature_network(tmp_path, monkeypatch):
     """`val_quality: 8`: the feature network is trained once into the run folder (named by its hash)
     and every validation logs val/fid and val/kid to W&B."""
-    from pipeline import features
+    from pipeline.inference import features
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setattr(features, "STEPS", 20)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.transforms import quantize
-from pipeline.pictures import to_8bit
+from pipeline.inference.pictures import to_8bit
 
 FEATURES = 128  # the width of the feature vector (the classifier's penultimate layer)
 STEPS = 1000  # training steps of the classifier

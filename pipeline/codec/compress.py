@@ -1,5 +1,5 @@
 """`make compress INPUT=<folder | .npz> OUT=<file>` and `make decompress INPUT=<file> OUT=<folder | .npz>`:
-the trained cascade as a lossless codec (`pipeline.codec`). The n-bit values the experiment
+the trained cascade as a lossless codec (`pipeline.codec.coder`). The n-bit values the experiment
 models are restored bit for bit: for 8-bit experiments, the exact pixels."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from data.transforms import quantize
-from pipeline.codec import compress, decompress
+from pipeline.codec.coder import compress, decompress
+from pipeline.inference.pictures import to_8bit
+from pipeline.inference.sample import load_cascade
 from pipeline.io import atomic_write, check_shape, folder_at_once, image_files, read_images, save_npz, save_png
-from pipeline.pictures import to_8bit
-from pipeline.sample import load_cascade
 
 
 def compress_command(args) -> None:

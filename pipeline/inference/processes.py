@@ -1,12 +1,11 @@
 """Independent work split between forked CPU processes (`Cascade.sample`, the codec's chunks).
 
-On a CPU, cached decoding of small images is a long chain of small tensor operations (a
-step of the default model at batch 16: about 50 of them in the C++ loop, of 1 to 10
-microseconds each). Intra-op threads pay little at these sizes, so one process keeps about
-one core busy. The images are independent given their noise, so `in_processes` cuts them
+On a CPU, cached decoding of small images is a long chain of small tensor operations, each
+bound by its fixed cost rather than its arithmetic; intra-op threads pay little at these sizes, so
+one process keeps about one core busy (`make bench`, sampling, measures it). The images are independent given their noise, so `in_processes` cuts them
 into W shares and runs the shares side by side, one thread each: the first in this process,
 the others in forked processes. The codec's chunks of images are independent too, and it
-computes on one thread anyway (`pipeline.codec`).
+computes on one thread anyway (`pipeline.codec.coder`).
 
 Forked children inherit the model without copying it. Their results come back as
 `torch.save` bytes: torch's own sharing of tensors between processes (file descriptors in
@@ -108,7 +107,7 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
         return [outputs[i] for i in range(parts)]
     finally:
         for i, child in enumerate(children, start=1):
-            if i in outputs:  # done, and exiting: the kernel's teardown of its memory takes ~15 ms,
+            if i in outputs:  # done, and exiting: the kernel's teardown of its memory is not instant,
                 threading.Thread(target=child.join, daemon=True).start()  # so it is reaped meanwhile
             elif child.pid is not None:
                 child.terminate()

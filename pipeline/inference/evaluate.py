@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from data.datamodule import SubscaleDataModule
-from pipeline.cascade import STAGE_NAMES
-from pipeline.codec import compress
+from pipeline.codec.coder import compress
+from pipeline.codec.reference import CodecSizes
+from pipeline.inference.sample import load_cascade
 from pipeline.io import check_shape, read_images, save_json
 from pipeline.progress import progress_bar
-from pipeline.reference_codecs import CodecSizes
-from pipeline.sample import load_cascade
 from pipeline.tracking import log_job
 from stages.canonical import CanonicalUnavailable
+from stages.plan import ORDER
 
 CODEC_NAMES = {"png": "PNG, one per file", "webp": "WebP lossless", "jxl": "JPEG-XL lossless",
                "png_mosaic": "PNG, one mosaic", "webp_mosaic": "WebP, one mosaic", "jxl_mosaic": "JPEG-XL, one mosaic"}
@@ -77,7 +77,7 @@ def main(args) -> None:
     del stored  # the images are in memory once, as uint8, from here on
     count, dims = len(images), images.numel()
     # the cascade's own stages only: a two-stage cascade (b = n) has no depth share at all
-    shares = {name: cascade.bpd(nats[name] / count) for name in STAGE_NAMES if name in nats}
+    shares = {name: cascade.bpd(nats[name] / count) for name in ORDER if name in nats}
     compressed = None if args.skip_compress else real_file(cascade, images)
     result = {
         "bpd": sum(shares.values()),

@@ -13,7 +13,7 @@ which gives the same bits on every CPU kind whatever its vector instructions, th
 BLAS; fed the true values on the encoder's side and the decoded ones on the decoder's side, on
 chunks of `chunk` images whose size is stored in the file (the last chunk padded with zero images
 that are computed but not coded). The chunks are independent, so both sides code them in forked
-processes side by side (`pipeline.processes`); the bytes are the same for any number.
+processes side by side (`pipeline.inference.processes`); the bytes are the same for any number.
 
 Before any work the decoder recomputes a probe (the probabilities of a few fixed steps of every
 stage) and refuses the file in one line if its digest differs from the stored one; after each
@@ -41,7 +41,7 @@ import torch
 
 from data.transforms import from_sequence, from_slices, merge_depth, to_sequence
 from pipeline.checkpoints import weights_digest
-from pipeline.processes import in_processes
+from pipeline.inference.processes import in_processes
 from pipeline.progress import progress_bar
 from stages import canonical
 
@@ -97,7 +97,7 @@ def code_chunk(cascade, images: torch.Tensor | None, real: int, coder, encode: b
     shape = (chunk, cascade.S**2, cascade.h, cascade.w, cascade.C)
     truth = cascade.known(images) if encode else None
     known = {"msb": torch.zeros(shape, dtype=torch.long), "lsb": torch.zeros(shape, dtype=torch.long)}
-    for stage_name, part, k in cascade.plan():
+    for stage_name, part, k, _ in cascade.plan():  # the cascade's order: stage, part, slice, what it reads
         stage = cascade.stages[stage_name]
         decoder = stage.decoder
         step = canonical.Decoder(decoder, canonical.context(stage, known, torch.full((chunk,), k)), chunk)
@@ -156,7 +156,7 @@ def compress(cascade, images: torch.Tensor, names: list[str] | None = None, prog
     Raises ValueError for images of another shape, values beyond the cascade's n bits, or names
     that are not one plain file name per image, CanonicalUnavailable (an OSError) where the pinned
     arithmetic cannot be built. Runs on the CPU (a copy of a cascade elsewhere), in
-    `workers` processes (`pipeline.processes.in_processes`); the bytes are the same for any number.
+    `workers` processes (`pipeline.inference.processes.in_processes`); the bytes are the same for any number.
     Source: the cascade's factorisation (Menick & Kalchbrenner 2019; README) driving a range coder.
     """
     import constriction

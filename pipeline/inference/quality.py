@@ -1,5 +1,5 @@
 """Sample quality: FID and KID (torchmetrics) between images drawn from the cascade and the test split,
-in the features of the run's own feature network (`pipeline.features`).
+in the features of the run's own feature network (`pipeline.inference.features`).
 
 `make quality` (and `make evaluate`, after bits/dim) draws FID_N images at TEMPERATURE from seed SEED
 and writes `$(RUN_DIR)/quality.json` (quality-t<T>.json at another temperature):
@@ -21,7 +21,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from data.datamodule import SubscaleDataModule
-from pipeline.features import FeatureNetwork, as_shown, feature_network
+from pipeline.inference.features import as_shown, feature_network
 from pipeline.io import save_json
 from pipeline.tracking import log_job
 
@@ -109,7 +109,7 @@ def run_features(run_dir, experiment: dict, bits: int):
 
 def main(args) -> None:
     """`make quality`: draw FID_N images from the trained cascade and score them against the test split."""
-    from pipeline.sample import check_memory, check_sampling_settings, draw, load_cascade
+    from pipeline.inference.sample import check_memory, check_sampling_settings, draw, load_cascade
 
     check_sampling_settings(args.n, args.batch, args.temperature)
     inception_net = inception(args.inception) if args.inception else None  # checked before any work

@@ -2,8 +2,8 @@
 
     log p(x) = log p_first(m_0) + sum_{k>=1} log p_size(m_k | m_<k) + sum_k log p_depth(l_k | m, l_<k)
 
-Sampling runs the stages in that order, slice by slice, each slice by cached decoding.
-Some slices may be given (`fixed`): super-resolution fixes slice 0, bit-depth
+Scoring and sampling take the slices in the cascade's order (`stages.plan`), each slice drawn by
+cached decoding. Some slices may be given (`fixed`): super-resolution fixes slice 0, bit-depth
 expansion fixes every MSB slice.
 """
 from __future__ import annotations
@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 
 from data.transforms import from_slices, merge_depth, split_depth, to_slices
-from stages import GEOMETRY, geometry, native
 from pipeline.checkpoints import load_stage
-from pipeline.pictures import partial_image
-from pipeline.processes import in_processes
+from pipeline.inference.pictures import partial_image
+from pipeline.inference.processes import in_processes
 from pipeline.progress import progress_bar
+from stages import GEOMETRY, geometry, native
 from stages.metrics import bits_per_dim
-
-STAGE_NAMES = ("first_slice", "size_spn", "depth_spn")
+from stages.plan import Step, known_after, plan
 
 
 def differences(a: dict, b: dict) -> tuple[str, str]:
@@ -83,14 +82,13 @@ class Cascade:
 
     @torch.no_grad()
     def log_prob(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Exact log-probability in nats of n-bit images, per stage: {stage: (B,)}."""
+        """Exact log-probability in nats of n-bit images, per stage: {stage: (B,)}, the sum over the
+        stage's slices in the cascade's order."""
         known = self.known(images)
-        batch = images.shape[0]
-        out = {"first_slice": -self.stages["first_slice"].slice_nll(known, torch.zeros(batch, dtype=torch.long,
-                                                                                       device=self.device))}
-        for name in ("size_spn", "depth_spn"):
-            if name in self.stages:
-                out[name] = -self.stages[name].nll(known)
+        out = {}
+        for step in self.plan():
+            k = torch.full((images.shape[0],), step.k, dtype=torch.long, device=self.device)
+            out[step.stage] = out.get(step.stage, 0) - self.stages[step.stage].slice_nll(known, k)
         return out
 
     def bpd(self, nats: torch.Tensor | float) -> float:
@@ -98,13 +96,11 @@ class Cascade:
         return float(bits_per_dim(nats, self.dims))
 
     # ------------------------------------------------------------ sampling
-    def plan(self, fixed_msb=(), fixed_lsb=()) -> list[tuple[str, str, int]]:
-        """The (stage, part, slice) steps that sampling takes, in order, skipping given slices."""
-        steps = [("first_slice", "msb", 0)] + [("size_spn", "msb", k) for k in range(1, self.S**2)]
-        if "depth_spn" in self.stages:
-            steps += [("depth_spn", "lsb", k) for k in range(self.S**2)]
-        return [(stage, part, k) for stage, part, k in steps
-                if k not in (fixed_msb if part == "msb" else fixed_lsb)]
+    def plan(self, fixed_msb=(), fixed_lsb=()) -> list[Step]:
+        """The steps (stage, part, slice, reads) of the cascade's order (`stages.plan`) for its stages,
+        leaving out the given MSB slices `fixed_msb` and LSB slices `fixed_lsb`."""
+        fixed = {"msb": set(fixed_msb), "lsb": set(fixed_lsb)}
+        return [step for step in plan(self.stages, self.S) if step.k not in fixed[step.part]]
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None,
@@ -119,7 +115,7 @@ class Cascade:
         `method` is the decoding of each slice (see `SliceDecoder.sample`). Each image draws its noise
         from a generator of its own, seeded by the next number of `generator`: the i-th image drawn
         from a generator is the same however the images are split into batches. On a CPU the images
-        are split between `workers` forked processes (`pipeline.processes`; by default one per thread
+        are split between `workers` forked processes (`pipeline.inference.processes`; by default one per thread
         torch may use, at most n; 1 keeps it in this process).
         """
         shape = (n, self.S**2, self.h, self.w, self.C)
@@ -160,20 +156,20 @@ class Cascade:
         n = len(seeds)
         log_prob = torch.zeros(n, device=self.device)
         streams = [torch.Generator().manual_seed(int(seed)) for seed in seeds]  # one per image, on the CPU
-        done = {"msb": set(fixed_msb), "lsb": set(fixed_lsb)}
-        pictures = [self.picture(known, done)] if frames else []
-        for stage, part, k in self.plan(fixed_msb, fixed_lsb):
+        given = {"msb": fixed_msb, "lsb": fixed_lsb}
+        steps = self.plan(fixed_msb, fixed_lsb)
+        pictures = [self.picture(known, known_after([], given))] if frames else []
+        for i, (stage, part, k, _) in enumerate(steps):
             noise = torch.stack([self.slice_noise(g) for g in streams])  # (n, T)
             values, lp = self.stages[stage].sample_slice(known, k, temperature, None, progress, method, noise)
             known[part][:, k] = values
             log_prob += lp
-            done[part].add(k)
             if frames:
-                pictures.append(self.picture(known, done))
+                pictures.append(self.picture(known, known_after(steps[: i + 1], given)))
         images = merge_depth(from_slices(known["msb"], self.S), from_slices(known["lsb"], self.S),
                              self.bits, self.high_bits)
         return images, log_prob, pictures
 
     def picture(self, known: dict, done: dict) -> torch.Tensor:
-        """The image so far, 8-bit (n, H, W, C) (see `pipeline.pictures.partial_image`)."""
+        """The image so far, 8-bit (n, H, W, C) (see `pipeline.inference.pictures.partial_image`)."""
         return partial_image(known, done, self.S, self.bits, self.high_bits)

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from data.transforms import quantize, split_depth, to_slices
-from pipeline.cascade import Cascade
 from pipeline.config import data_geometry, load_experiment, stage_names
+from pipeline.inference.cascade import Cascade
+from pipeline.inference.pictures import image_grid, shown_frames, to_8bit, upsample_nearest
 from pipeline.io import check_shape, folder_at_once, read_image, save_gif, save_npz, save_png
-from pipeline.pictures import image_grid, shown_frames, to_8bit, upsample_nearest
 from pipeline.tracking import log_job
 
 

@@ -59,7 +59,7 @@ def compare(cascade, seeds: torch.Tensor, first: torch.Tensor, second: torch.Ten
             continue
         known, other = cascade.known(first[i:i + 1]), cascade.known(second[i:i + 1])
         stream = torch.Generator().manual_seed(int(seed))
-        for stage_name, part, k in cascade.plan():  # the noise of each slice, drawn in the cascade's order
+        for stage_name, part, k, _ in cascade.plan():  # the noise of each slice, drawn in the cascade's order
             noise = cascade.slice_noise(stream)[None]  # (1, T)
             a, b = to_sequence(known[part][:, k]), to_sequence(other[part][:, k])  # (1, T)
             if not torch.equal(a, b):
