@@ -8,4 +8,5 @@ class Terminated(BaseException):
 
 
 class WorkerFailed(RuntimeError):
-    """A forked worker process (`pipeline.inference.processes`) ended without its result, or hangs; the message says which."""
+    """A forked worker process (`pipeline.inference.processes`) ended without its result, or hangs; the
+    message says which."""

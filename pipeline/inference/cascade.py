@@ -97,7 +97,7 @@ class Cascade:
 
     # ------------------------------------------------------------ sampling
     def plan(self, fixed_msb=(), fixed_lsb=()) -> list[Step]:
-        """The steps (stage, part, slice, reads) of the cascade's order (`stages.plan`) for its stages,
+        """The steps (stage, part, k, reads) of the cascade's order (`stages.plan`) for its stages,
         leaving out the given MSB slices `fixed_msb` and LSB slices `fixed_lsb`."""
         fixed = {"msb": set(fixed_msb), "lsb": set(fixed_lsb)}
         return [step for step in plan(self.stages, self.S) if step.k not in fixed[step.part]]
@@ -115,8 +115,8 @@ class Cascade:
         `method` is the decoding of each slice (see `SliceDecoder.sample`). Each image draws its noise
         from a generator of its own, seeded by the next number of `generator`: the i-th image drawn
         from a generator is the same however the images are split into batches. On a CPU the images
-        are split between `workers` forked processes (`pipeline.inference.processes`; by default one per thread
-        torch may use, at most n; 1 keeps it in this process).
+        are split between `workers` forked processes (`pipeline.inference.processes`; by default one
+        per thread torch may use, at most n; 1 keeps it in this process).
         """
         shape = (n, self.S**2, self.h, self.w, self.C)
         known = known or {}
