@@ -36,3 +36,20 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
     assert any(row["stage"] == "cascade sampling" for row in rows)
+
+
+def test_bench_runs_the_parts_named_and_refuses_others(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--parts", "throughput", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "throughput" in results and not {"memory", "sampling", "quality", "codec", "gpu"} & set(results)
+    assert results["command"] == "python -m benchmarks.run --parts throughput --smoke"
+    report = (tmp_path / "results.md").read_text()
+    assert "## Training throughput" in report and "## Sampling" not in report
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--parts", "quality,speed", "--out",
+                           str(tmp_path / "other")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: --parts 'quality,speed': unknown speed; name some of "
+        "memory, sampling, throughput, experiment64, quality, gpu"]
+    assert not (tmp_path / "other").exists()
