@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from benchmarks.quality import pipeline, train
-from benchmarks.run import machine, table
+from benchmarks.report import machine, table
 from benchmarks.throughput import measure_stages
 from pipeline.config import load_experiment, stage_names
 from pipeline.inference.features import as_shown

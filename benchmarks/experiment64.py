@@ -37,7 +37,7 @@ def run(quick: bool = False) -> dict:
 
 
 def markdown(r: dict) -> list[str]:
-    from benchmarks.run import table
+    from benchmarks.report import table
 
     out = [f"\n## The 64 x 64 experiment (`{r['experiment']}`)\n\nA training step of its size SPN (width {r['width']}, "
            f"{r['layers']} layers, batch {r['batch']}, 8-bit random images) at its S beside S = 1, budget "
@@ -60,7 +60,7 @@ def main() -> None:
     import json
     from pathlib import Path
 
-    from benchmarks.run import machine
+    from benchmarks.report import machine
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.run import machine
+from benchmarks.report import machine
 from pipeline.inference.features import as_shown
 from pipeline.inference.quality import fid_kid, run_features, split_images
 from pipeline.inference.sample import draw, load_cascade

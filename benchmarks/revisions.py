@@ -27,11 +27,11 @@ MEASURES = {"native": "C++ loop, s per image", "fast": "default sampler, s per i
 
 # One round in the revision's own tree: both the layout before pipeline/ was split and the one after.
 ROUND = r"""
-import hashlib, json, time, torch
-try:
+import hashlib, json, os, time, torch
+if os.path.isdir("pipeline/inference"):
     from pipeline.inference.cascade import Cascade
     from pipeline.codec.coder import compress, decompress
-except ImportError:
+else:
     from pipeline.cascade import Cascade
     from pipeline.codec import compress, decompress
 from pipeline.config import data_geometry, load_experiment, stage_names

@@ -80,8 +80,7 @@ class Decoder:
     up to float rounding), given the values at t-1 (the start token at t = 0), (B,) long."""
 
     def __init__(self, decoder, context: torch.Tensor | None, batch: int):
-        for block in decoder.blocks:  # the block the C++ computes: NotImplementedError for another
-            block.check_packable()
+        decoder.check_packable()  # the decoder the C++ computes: NotImplementedError for another
         empty = torch.zeros(0)
         self._step = load().Decoder(weights(decoder), empty if context is None else context, batch,
                                     decoder.cfg.heads, norm_eps(decoder)).step

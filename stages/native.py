@@ -4,7 +4,7 @@
 `torch.utils.cpp_extension.load` compiles a C++ file with this machine's C++ compiler and
 ninja the first time it is needed (`make install` does it ahead of use) and keeps the library
 in torch's extension cache (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), where
-later runs find it in a fraction of a second; it rebuilds when the source changes. Where it
+later runs load it; it rebuilds when the source changes. Where it
 cannot be built (no compiler), the caller keeps to its Python code after a note on stderr
 saying why.
 """
@@ -106,22 +106,26 @@ def usable(device, dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype == torch.float32 and load() is not None
 
 
-PASSED_APART = ("blocks", "heads")  # fields of a PackedDecoder that `sample_slice` passes as arguments of their own
+# the fields of each packed type that `sample_slice` passes as arguments of their own, not by name
+PASSED_APART = {"PackedDecoder": ("blocks", "heads"), "PackedBlock": ()}
 
 
 def named_tensors(packed) -> dict[str, torch.Tensor]:
     """A packed block or decoder (`stages.networks.PackedBlock`, `PackedDecoder`) as {field name: tensor},
     the form the C++ loop reads: tensors contiguous, floats (the epsilons) as 0-d float64 tensors, the
-    fields in PASSED_APART left out. Raises TypeError for a field of another type, which the C++ loop
-    could not read."""
+    type's fields in PASSED_APART left out. Raises TypeError for a field of another type, which the C++
+    loop could not read, and for a type not in PASSED_APART."""
+    kind = type(packed).__name__
+    if kind not in PASSED_APART:
+        raise TypeError(f"{kind} is not a packed block or decoder: the C++ loop reads {', '.join(PASSED_APART)}")
     out = {}
     for name, value in packed._asdict().items():
         if isinstance(value, torch.Tensor):
             out[name] = value.contiguous()
         elif isinstance(value, float):
             out[name] = torch.tensor(value, dtype=torch.float64)
-        elif name not in PASSED_APART:
-            raise TypeError(f"{type(packed).__name__}.{name} is a {type(value).__name__}: the C++ loop reads "
+        elif name not in PASSED_APART[kind]:
+            raise TypeError(f"{kind}.{name} is a {type(value).__name__}: the C++ loop reads "
                             f"tensors and floats by name only")
     return out
 
@@ -130,8 +134,8 @@ def sample_slice(packed, start_token: int, noise: torch.Tensor, temperature: flo
     """Draw one slice in C++: `packed`, a `stages.networks.PackedDecoder` (`SliceDecoder.pack`) for B images
     of T sub-pixels, `noise` (B, T) uniforms. Returns values (B, T) long and their log-probability at
     temperature 1, (B,) nats: the draws of `SliceDecoder.sample` with method "cached" from the same
-    noise, up to float rounding. Raises RuntimeError where the module cannot be built, and for a
-    packed field the C++ loop does not compute."""
+    noise, up to float rounding. Raises RuntimeError where the module cannot be built or for a packed
+    field the C++ loop does not compute, and TypeError (`named_tensors`) for a field it cannot read."""
     module = load()
     if module is None:
         raise RuntimeError("the C++ slice sampler is not available on this machine: use method='fast'")

@@ -143,10 +143,18 @@ class Block(nn.Module):
 
     def check_packable(self) -> None:
         """Raise NotImplementedError for what the one-position steps (`pack`'s users and the codec's
-        `stages/canonical.cpp`) do not compute: a non-causal block, a parameter or buffer other than
-        those in PACKED, another activation or layer in the MLP."""
+        `stages/canonical.cpp`) do not compute: a non-causal block, dropout in training mode, another
+        norm or attention module, a parameter or buffer other than those in PACKED, another activation
+        or layer in the MLP."""
         if not self.causal:
             raise NotImplementedError("Block.pack: the one-position step decodes causal blocks only")
+        kinds = (type(self.norm1), type(self.attention), type(self.norm2))
+        if kinds != (nn.LayerNorm, SelfAttention, nn.LayerNorm):
+            raise NotImplementedError(f"Block.pack: the one-position step computes LayerNorm, SelfAttention and "
+                                      f"LayerNorm, not {', '.join(kind.__name__ for kind in kinds)}")
+        dropout = self.attention.dropout > 0 or any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.mlp)
+        if self.training and dropout:
+            raise NotImplementedError("Block.pack: the one-position step computes no dropout: call .eval() first")
         names = {name for name, _ in [*self.named_parameters(), *self.named_buffers()]}
         unknown, missing = sorted(names - set(self.PACKED)), sorted(set(self.PACKED) - names)
         if unknown:
@@ -274,11 +282,14 @@ class SliceDecoder(nn.Module):
     PACKED = ("value_embedding.weight", "position", "context_projection.weight", "context_projection.bias",
               "pixel_index", "norm.weight", "norm.bias", "head.weight", "head.bias")
 
-    @torch.no_grad()
-    def pack(self, context: torch.Tensor | None, batch: int) -> PackedDecoder:
-        """The weights and input terms for decoding one slice of `batch` images one position at a time
-        (see `PackedDecoder`), given their context (B, h*w, context_width) or None. Raises
-        NotImplementedError naming a parameter or buffer that the one-position step does not compute."""
+    def check_packable(self) -> None:
+        """Raise NotImplementedError for what the one-position steps (`IncrementalDecoder`,
+        `stages/slice_sampler.cpp`, the codec's `stages/canonical.cpp`) do not compute: a final norm other
+        than LayerNorm, a parameter or buffer of the decoder other than those in PACKED, or a block that
+        `Block.check_packable` refuses."""
+        if type(self.norm) is not nn.LayerNorm:
+            raise NotImplementedError(f"SliceDecoder.pack: the one-position step computes a final LayerNorm, "
+                                      f"not {type(self.norm).__name__}")
         names = {name for name, _ in [*self.named_parameters(), *self.named_buffers()] if not name.startswith("blocks.")}
         expected = {name for name in self.PACKED if self.cfg.context_width or not name.startswith("context_projection.")}
         unknown, missing = sorted(names - expected), sorted(expected - names)
@@ -288,6 +299,15 @@ class SliceDecoder(nn.Module):
         if missing:
             raise NotImplementedError(f"SliceDecoder.pack: the decoder has no {', '.join(missing)}, which the "
                                       f"one-position steps compute")
+        for block in self.blocks:
+            block.check_packable()
+
+    @torch.no_grad()
+    def pack(self, context: torch.Tensor | None, batch: int) -> PackedDecoder:
+        """The weights and input terms for decoding one slice of `batch` images one position at a time
+        (see `PackedDecoder`), given their context (B, h*w, context_width) or None. Raises
+        NotImplementedError as `check_packable` does."""
+        self.check_packable()
         ctx = self.context_tokens(context)
         inputs = self.position.expand(batch, -1, -1) if ctx is None else ctx + self.position
         return PackedDecoder(self.value_embedding.weight.detach(), inputs.contiguous(),

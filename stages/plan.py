@@ -6,10 +6,10 @@
 
 (paper, sections 3.2 and 3.3: a slice's meta-position k is its place in the order). Sampling draws,
 scoring sums, the codec codes and the pictures show the slices in the order of `plan`, and the stages
-take the slices they model from here (`SubscaleStage.modelled_slices`): a new order is written here
-only. What each stage's context reads (READS) is built by its `context_stack` from the slices before
-k; tests/test_stages.py holds every stage's context to READS. Free of torch, so that the command
-line reads it without loading the networks.
+take the slices they model from here (`SubscaleStage.modelled_slices`) and what their contexts read of
+their own part (`known_before`, `SubscaleStage.known_mask`): a new order is written here only. Each
+stage's `context_stack` builds READS; tests/test_stages.py holds every stage's context to READS. Free
+of torch, so that the command line reads it without loading the networks.
 """
 from __future__ import annotations
 
@@ -46,10 +46,25 @@ def modelled_slices(stage: str, subscale: int) -> list[int]:
 
 
 def plan(stages: Iterable[str], subscale: int) -> list[Step]:
-    """Every slice that the stages `stages` (names; any order) model, in the cascade's order."""
+    """Every slice that the stages `stages` (names; any order) model, in the cascade's order; raises
+    ValueError for a name not in ORDER."""
     chosen = set(stages)
+    if chosen - set(ORDER):
+        raise ValueError(f"unknown stage {', '.join(sorted(chosen - set(ORDER)))}: the stages are {', '.join(ORDER)}")
     return [Step(stage, PART[stage], k, READS[stage]) for stage in ORDER if stage in chosen
             for k in modelled_slices(stage, subscale)]
+
+
+def known_before(part: str, k: int, subscale: int) -> list[int]:
+    """The slice ids of `part` ("msb" or "lsb") drawn before slice k of that part, in the order of `plan`:
+    what a context reads of its own part. Raises ValueError when no stage models slice k of `part`."""
+    before = []
+    for step in plan(ORDER, subscale):
+        if step.part == part:
+            if step.k == k:
+                return before
+            before.append(step.k)
+    raise ValueError(f"no stage models slice {k} of the {part} part at subscale {subscale}")
 
 
 def known_after(steps: Iterable[Step], given: dict[str, Iterable[int]] | None = None) -> dict[str, set[int]]:

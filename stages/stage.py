@@ -88,6 +88,10 @@ class SubscaleStage(L.LightningModule):
             layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout))
         self.val_nll = MeanMetric()
         self.slice_ids = torch.tensor(self.modelled_slices())  # on the CPU, like the estimator's generator
+        # before[k, j] = 1 where slice j of the modelled part is drawn before its slice k (`stages.plan`)
+        self.before = torch.zeros(subscale**2, subscale**2)
+        for k in range(subscale**2):
+            self.before[k, plan.known_before(self.part, k, subscale)] = 1.0
 
     # ------------------------------------------------------------ what each stage models
     value_bits: int  # bits of the modelled sub-pixels
@@ -127,8 +131,8 @@ class SubscaleStage(L.LightningModule):
         return {part: to_slices(batch[part], self.S) for part in ("msb", "lsb")}
 
     def known_mask(self, k: torch.Tensor) -> torch.Tensor:
-        """(B,) target slice ids -> (B, S*S) float, 1 for the slices before k."""
-        return (torch.arange(self.S**2, device=k.device)[None] < k[:, None]).float()
+        """(B,) target slice ids -> (B, S*S) float, 1 for the slices of the modelled part drawn before k."""
+        return self.before.to(k.device)[k]
 
     def context(self, known: dict, k: torch.Tensor) -> torch.Tensor | None:
         """Per-pixel context of target slices k (B,): (B, h*w, context_width), or None (first slice)."""

@@ -72,8 +72,8 @@ def test_context_sees_earlier_slices():
 @pytest.mark.parametrize("name", ["size_spn", "depth_spn"])
 def test_each_stages_context_reads_what_the_cascades_plan_says(name):
     """The context of slice k changes with a slice exactly when `stages.plan.READS` names its part (of
-    the stage's own part, only the slices before k)."""
-    from stages.plan import PART, READS
+    the stage's own part, only the slices drawn before k: `known_before`)."""
+    from stages.plan import PART, READS, known_before
 
     stage = make_stages(subscale=2)[name]
     known, k = random_known(stage), 2
@@ -84,8 +84,26 @@ def test_each_stages_context_reads_what_the_cascades_plan_says(name):
             for j in range(stage.S**2):
                 changed = {p: v.clone() for p, v in known.items()}
                 changed[part][:, j] = (changed[part][:, j] + 1) % levels
-                read = part in READS[name] and (part != PART[name] or j < k)
+                read = part in READS[name] and (part != PART[name] or j in known_before(part, k, stage.S))
                 assert (not torch.allclose(stage.context(changed, ids), base, atol=1e-6)) == read, (part, j)
+
+
+def test_a_new_slice_order_written_in_the_plan_is_the_order_each_context_reads(monkeypatch):
+    """Written in `stages.plan` only, another order of the size SPN's slices (3, 1, 2 after slice 0) is
+    what it models and what its contexts read: slice 1 reads slices 0 and 3, not 2."""
+    from stages import plan
+
+    monkeypatch.setitem(plan.SLICES, "size_spn", lambda S: [3, 1, 2])
+    stage = make_stages(subscale=2)["size_spn"]
+    assert stage.modelled_slices() == [3, 1, 2]
+    assert [step.k for step in plan.plan(plan.ORDER, 2) if step.part == "msb"] == [0, 3, 1, 2]
+    known, ids = random_known(stage), torch.full((2,), 1)
+    with torch.no_grad():
+        base = stage.context(known, ids)
+        for j, read in ((0, True), (3, True), (2, False), (1, False)):
+            changed = {p: v.clone() for p, v in known.items()}
+            changed["msb"][:, j] = (changed["msb"][:, j] + 1) % 2**stage.hparams.high_bits
+            assert (not torch.allclose(stage.context(changed, ids), base, atol=1e-6)) == read, j
 
 
 @pytest.mark.parametrize("name", ["first_slice", "size_spn", "depth_spn"])
