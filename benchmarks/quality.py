@@ -100,7 +100,7 @@ def train_cascade(spec: dict, path: Path, run_dir: Path, minutes: float, lr: flo
     extra = [] if compress else ["--skip-compress"]
     pipeline("evaluate", "--exp", str(path), "--run-dir", str(run_dir), "--images", str(images), *extra)
     report = json.loads((run_dir / "eval.json").read_text())
-    return {"bpd": report["bpd"], "stages": report["stages"], "training": training,
+    return {"bpd": report["bpd"], "stages": report["stages"], "slices": report["slices"], "training": training,
             "compressed_bpd": report.get("compressed_bpd"), "codecs": report["codecs"]}
 
 

@@ -87,6 +87,10 @@ def markdown(results: dict) -> str:
                    + ", ".join(f"{k} {v:.3f}" for k, v in first["cascade"]["stages"].items())
                    + (f"; its real compressed file {first['cascade']['compressed_bpd']:.4f}"
                       if first["cascade"].get("compressed_bpd") else "") + ".\n")
+        if first["cascade"].get("slices"):
+            out.append("Each slice's share of its bits/dim (bits per sub-pixel of the slice): " + ", ".join(
+                f"{row['stage']} {row['part']} k={row['k']} {row['bpd']:.3f} ({row['bits_per_subpixel']:.2f})"
+                for row in first["cascade"]["slices"]) + ".\n")
         out.append(f"Learning-rate sweep: each rate trained {q['sweep']['cascade']['pilot_minutes']:g} minutes, "
                    f"validation bits/dim on {q['val_images']} validation images:\n")
         out.append(table(["model", "base lr", *[f"x{f}" for f in q["sweep"]["cascade"]["val_bpd"]], "chosen lr"],

@@ -10,7 +10,9 @@ import yaml
 from torch.utils.data import DataLoader
 
 from conftest import make_stages, save_cascade, uniform
+from data.transforms import split_depth, to_slices
 from pipeline.__main__ import main as cli
+from stages.plan import plan
 from test_cascade import UNIFORM_GEOMETRIES, uniform_shares
 
 
@@ -42,6 +44,39 @@ def test_evaluate_scores_a_uniform_cascade_at_exactly_n_bits_per_dim(tmp_path, g
     assert report["stages"] == pytest.approx(shares, rel=1e-5)
     nats = geometry["bits"] * geometry["image_size"] ** 2 * geometry["channels"] * np.log(2)
     assert np.allclose(report["nll"], nats, rtol=1e-5)
+    value_bits = {"msb": geometry["high_bits"], "lsb": geometry["bits"] - geometry["high_bits"]}
+    slices_of = {name: [row for row in report["slices"] if row["stage"] == name] for name in shares}
+    for row in report["slices"]:  # uniform: every sub-pixel of a slice costs its part's bits exactly
+        assert row["bits_per_subpixel"] == pytest.approx(value_bits[row["part"]], rel=1e-5), row
+        assert row["bpd"] == pytest.approx(shares[row["stage"]] / len(slices_of[row["stage"]]), rel=1e-5), row
+
+
+def test_evaluate_reports_each_slices_bits_which_sum_to_its_stages_share(tmp_path):
+    """eval.json's slices are the cascade's order, each slice's exact share (its own NLL scored alone
+    agrees), and they add up to their stage's share."""
+    geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+    stages = make_stages(**geometry)
+    save_cascade(stages, tmp_path / "run")  # peaked, not uniform: the slices cost different bits
+    images = images_file(tmp_path, geometry, n=5)
+    assert cli(["evaluate", "--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run"),
+                "--images", str(images), "--batch", "2", "--skip-compress"]) == 0
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert [(row["stage"], row["part"], row["k"]) for row in report["slices"]] == \
+        [(step.stage, step.part, step.k) for step in plan(stages, 2)]
+    for name, share in report["stages"].items():
+        assert sum(row["bpd"] for row in report["slices"] if row["stage"] == name) == pytest.approx(share, rel=1e-6)
+    x = torch.from_numpy(np.load(images)["images"]).long() >> 4  # the 4-bit values
+    msb, lsb = split_depth(x, 4, 2)
+    known = {"msb": to_slices(msb, 2), "lsb": to_slices(lsb, 2)}
+    dims, subpixels = 8 * 8, 4 * 4
+    bpd = [row["bpd"] for row in report["slices"]]
+    assert max(bpd) > 1.05 * min(bpd)  # the slices differ, so a mix-up of slices shows
+    for row in report["slices"]:
+        stage = stages[row["stage"]].eval()
+        with torch.no_grad():
+            nats = float(stage.slice_nll(known, torch.full((5,), row["k"])).double().mean())
+        assert row["bpd"] == pytest.approx(nats / dims / np.log(2), rel=1e-5), row
+        assert row["bits_per_subpixel"] == pytest.approx(nats / subpixels / np.log(2), rel=1e-5), row
 
 
 @pytest.mark.parametrize("geometry", UNIFORM_GEOMETRIES[1:])

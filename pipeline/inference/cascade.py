@@ -28,6 +28,15 @@ def differences(a: dict, b: dict) -> tuple[str, str]:
     return tuple(", ".join(f"{key}={side[key]}" for key in keys) for side in (a, b))
 
 
+def stage_sums(slices: dict[Step, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-slice log-probabilities {step: (B,) nats} (`Cascade.slice_log_prob`) -> each stage's sum,
+    {stage: (B,) nats}, added in the order given."""
+    out = {}
+    for step, nats in slices.items():
+        out[step.stage] = out[step.stage] + nats if step.stage in out else nats
+    return out
+
+
 class Cascade:
     """The trained stages of one experiment, {stage name: SubscaleStage}; raises ValueError when
     they were trained for different geometries (image size, channels, bits, high bits, S)."""
@@ -81,15 +90,21 @@ class Cascade:
         return {"msb": to_slices(msb, self.S), "lsb": to_slices(lsb, self.S)}
 
     @torch.no_grad()
-    def log_prob(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Exact log-probability in nats of n-bit images, per stage: {stage: (B,)}, the sum over the
-        stage's slices in the cascade's order."""
+    def slice_log_prob(self, images: torch.Tensor) -> dict[Step, torch.Tensor]:
+        """Exact log-probability in nats of each slice of n-bit images (B, H, W, C) given its true
+        context: {step of the cascade's order (`plan`): (B,)}, in that order."""
         known = self.known(images)
         out = {}
         for step in self.plan():
             k = torch.full((images.shape[0],), step.k, dtype=torch.long, device=self.device)
-            out[step.stage] = out.get(step.stage, 0) - self.stages[step.stage].slice_nll(known, k)
+            out[step] = -self.stages[step.stage].slice_nll(known, k)
         return out
+
+    @torch.no_grad()
+    def log_prob(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exact log-probability in nats of n-bit images, per stage: {stage: (B,)}, the sum over the
+        stage's slices in the cascade's order."""
+        return stage_sums(self.slice_log_prob(images))
 
     def bpd(self, nats: torch.Tensor | float) -> float:
         """Nats per image -> bits per dimension of these images."""

@@ -4,6 +4,8 @@ IMAGES=file.npz|folder), beside the real size of those images compressed by the 
 
 Writes `$(RUN_DIR)/eval.json`:
     {"bpd", "stages": {share of each of the cascade's stages}, "n_images", "split",
+     "slices": [{"stage", "part", "k", "bpd" (its share of the image's bits/dim),
+                 "bits_per_subpixel" (bits per sub-pixel of that slice)}, in the cascade's order],
      "compressed_bpd" (the real file of `make compress`, header included),
      "codecs": {png, webp, jxl, png_mosaic, webp_mosaic, jxl_mosaic},
      "nll": [nats per image] (with IMAGES only)}
@@ -18,6 +20,7 @@ import torch
 from data.datamodule import SubscaleDataModule
 from pipeline.codec.coder import compress
 from pipeline.codec.reference import CodecSizes
+from pipeline.inference.cascade import stage_sums
 from pipeline.inference.sample import load_cascade
 from pipeline.io import check_shape, read_images, save_json
 from pipeline.progress import progress_bar
@@ -59,11 +62,15 @@ def main(args) -> None:
     experiment, cascade = load_cascade(args)
     split = str(args.images) if args.images else "test"
     nats = {name: 0.0 for name in cascade.stages}
+    slice_nats = {step: 0.0 for step in cascade.plan()}
     per_image, stored = [], []
     codecs = CodecSizes()
     bar = progress_bar(desc=f"evaluating {split}", unit="image")
     for x in batches(args, experiment, cascade):
-        log_prob = cascade.log_prob(x)
+        slices = cascade.slice_log_prob(x)
+        for step, lp in slices.items():
+            slice_nats[step] -= float(lp.double().sum())
+        log_prob = stage_sums(slices)
         for name, lp in log_prob.items():
             nats[name] -= float(lp.double().sum())
         per_image.append(-sum(lp.double() for lp in log_prob.values()).cpu())
@@ -78,12 +85,17 @@ def main(args) -> None:
     count, dims = len(images), images.numel()
     # the cascade's own stages only: a two-stage cascade (b = n) has no depth share at all
     shares = {name: cascade.bpd(nats[name] / count) for name in ORDER if name in nats}
+    subpixels = cascade.h * cascade.w * cascade.C  # of one slice
+    slices = [{"stage": step.stage, "part": step.part, "k": step.k, "bpd": cascade.bpd(total / count),
+               "bits_per_subpixel": cascade.bpd(total / count) * dims / count / subpixels}
+              for step, total in slice_nats.items()]
     compressed = None if args.skip_compress else real_file(cascade, images)
     result = {
         "bpd": sum(shares.values()),
         "stages": shares,
         "n_images": count,
         "split": split,
+        "slices": slices,
         "compressed_bpd": None if compressed is None else 8 * len(compressed) / dims,
         "codecs": codecs.bits_per_dim(images.numpy()),
     }
@@ -95,6 +107,13 @@ def main(args) -> None:
     for name, share in shares.items():
         print(f"  {name:<26}{share:8.4f}")
     print(f"  {'cascade (total)':<26}{result['bpd']:8.4f}")
+    for name in shares:
+        own = [row for row in slices if row["stage"] == name]
+        if len(own) > 1:
+            cheap, dear = min(own, key=lambda row: row["bpd"]), max(own, key=lambda row: row["bpd"])
+            print(f"  {name}'s {len(own)} slices: costliest {dear['part']} k={dear['k']} {dear['bpd']:.4f} "
+                  f"({dear['bits_per_subpixel']:.3f} bits/sub-pixel), cheapest k={cheap['k']} {cheap['bpd']:.4f} "
+                  f"({cheap['bits_per_subpixel']:.3f})")
     if compressed is not None:
         print(f"  {'make compress (real file)':<26}{result['compressed_bpd']:8.4f}")
     for name, value in result["codecs"].items():
