@@ -103,9 +103,24 @@ def terminate(signum, frame):
     raise Terminated
 
 
+CTRL_C = []  # holds True once Ctrl+C has reached this command
+
+
+def interrupt(signum, frame):
+    """Ctrl+C: noted in CTRL_C, then KeyboardInterrupt as Python raises it. C code that catches the
+    KeyboardInterrupt and raises another error in its place (pyarrow inside `datasets` does) cannot
+    make a Ctrl+C look like a fault: `run` reports any error after one as the interruption."""
+    CTRL_C.append(True)
+    signal.default_int_handler(signum, frame)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     previous = signal.signal(signal.SIGTERM, terminate)
+    CTRL_C.clear()
+    keyboard = signal.getsignal(signal.SIGINT)
+    if keyboard is signal.default_int_handler:  # Ctrl+C ignored (a background job) stays ignored
+        signal.signal(signal.SIGINT, interrupt)
     try:
         return run(argv)
     except Terminated:
@@ -114,6 +129,37 @@ def main(argv=None) -> int:
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if keyboard is signal.default_int_handler:
+            signal.signal(signal.SIGINT, keyboard)
+
+
+def dispatch(args) -> None:
+    """Run the command `args.command` with its arguments."""
+    from pipeline.config import DEFAULT_EXPERIMENT
+
+    args.run_dir = args.run_dir or f"runs/{Path(args.exp or DEFAULT_EXPERIMENT).stem}"  # EXP may be a YAML path
+    if args.command == "stages":
+        from pipeline.config import load_experiment, stage_names
+
+        print(" ".join(stage_names(load_experiment(args.exp, arguments=False))))  # at every make call: fast
+    elif args.command == "data":
+        from pipeline.data import main as run
+        run(args)
+    elif args.command == "train":
+        from pipeline.train import main as run
+        run(args)
+    elif args.command in ("sample", "upscale", "deepen"):
+        from pipeline.inference import sample
+        {"sample": sample.main, "upscale": sample.upscale, "deepen": sample.deepen}[args.command](args)
+    elif args.command in ("compress", "decompress"):
+        from pipeline.codec import compress
+        {"compress": compress.compress_command, "decompress": compress.decompress_command}[args.command](args)
+    elif args.command == "evaluate":
+        from pipeline.inference.evaluate import main as run
+        run(args)
+    elif args.command == "quality":
+        from pipeline.inference.quality import main as run
+        run(args)
 
 
 def run(argv) -> int:
@@ -126,31 +172,13 @@ def run(argv) -> int:
             parser().error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*getattr(args, "overrides", []), *rest]
     try:
-        from pipeline.config import DEFAULT_EXPERIMENT
-
-        args.run_dir = args.run_dir or f"runs/{Path(args.exp or DEFAULT_EXPERIMENT).stem}"  # EXP may be a YAML path
-        if args.command == "stages":
-            from pipeline.config import load_experiment, stage_names
-
-            print(" ".join(stage_names(load_experiment(args.exp, arguments=False))))  # at every make call: fast
-        elif args.command == "data":
-            from pipeline.data import main as run
-            run(args)
-        elif args.command == "train":
-            from pipeline.train import main as run
-            run(args)
-        elif args.command in ("sample", "upscale", "deepen"):
-            from pipeline.inference import sample
-            {"sample": sample.main, "upscale": sample.upscale, "deepen": sample.deepen}[args.command](args)
-        elif args.command in ("compress", "decompress"):
-            from pipeline.codec import compress
-            {"compress": compress.compress_command, "decompress": compress.decompress_command}[args.command](args)
-        elif args.command == "evaluate":
-            from pipeline.inference.evaluate import main as run
-            run(args)
-        elif args.command == "quality":
-            from pipeline.inference.quality import main as run
-            run(args)
+        try:
+            dispatch(args)
+        except Exception as error:
+            if not CTRL_C:
+                raise
+            resume = "; make the same target again to resume" if args.command == "train" else ""
+            raise KeyboardInterrupt(f"{args.command} stopped by Ctrl+C{resume}") from error
     except (ValueError, OSError) as error:  # a user's mistake or a missing file, network or disk: one line
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -168,8 +196,8 @@ def run(argv) -> int:
         print(f"error: out of memory{f' ({asked})' if asked else ''}: {LESS_MEMORY.get(args.command, 'free memory')}",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt as interrupt:
-        print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(f"interrupted: {stop}" if str(stop) else "interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -202,7 +202,7 @@ CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAlloca
 @pytest.mark.parametrize("command, failing, error, message", [
     ("sample", "pipeline.inference.sample.Cascade.sample", RuntimeError(CPU_ALLOCATOR),
      "error: out of memory (584.1 GiB asked for): lower BATCH (and N)"),
-    ("evaluate", "pipeline.inference.cascade.Cascade.log_prob", "cuda",
+    ("evaluate", "pipeline.inference.cascade.Cascade.slice_log_prob", "cuda",
      "error: out of memory (20.00 GiB asked for): lower BATCH (make evaluate BATCH=..., 250 by default)"),
     ("compress", "pipeline.codec.compress.compress", MemoryError("Unable to allocate 728. TiB for an array"),
      "error: out of memory (728. TiB asked for): compress the images in parts"),
@@ -371,3 +371,29 @@ def test_val_quality_that_is_not_a_number_of_images_is_one_line(tmp_path, value)
     config.write_text((ROOT / "conf" / "experiments" / "smoke.yaml").read_text() + f"val_quality: {value}\n")
     with pytest.raises(ValueError, match="val_quality must be a number of images, 2 or more"):
         load_experiment(str(config))
+
+
+def test_a_ctrl_c_that_c_code_turns_into_another_error_is_still_an_interruption(tmp_path, monkeypatch, capsys):
+    """pyarrow (inside `datasets`) catches the KeyboardInterrupt of a Ctrl+C and raises ArrowInvalid, a
+    ValueError, in its place: the command still says it was interrupted (exit 130, the resume hint for
+    train), not that the user made a mistake (exit 2)."""
+    import signal
+    import time
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("Ctrl+C is ignored in this process (a suite started in the background)")
+
+    def train_hit_by_ctrl_c(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise ValueError("Schema at index 2 was different")  # what pyarrow made of one
+
+    monkeypatch.setattr("pipeline.train.main", train_hit_by_ctrl_c)
+    assert cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice"]) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: train stopped by Ctrl+C; make the same target again "
+                                               "to resume")
+    monkeypatch.setattr("pipeline.train.main", lambda args: (_ for _ in ()).throw(ValueError("a real mistake")))
+    assert cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice"]) == 2  # no Ctrl+C
+    assert capsys.readouterr().err.strip() == "error: a real mistake"
