@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from data.datamodule import SubscaleDataModule
+from pipeline.__main__ import OneLineParser
 from stages import STAGES
 from stages.metrics import bits_per_dim
 
@@ -45,7 +46,8 @@ def exact_val(stage, data) -> tuple[float, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m benchmarks.ablate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="size_spn", choices=list(STAGES))
     parser.add_argument("--bits", type=int, default=8)
     parser.add_argument("--high-bits", type=int, default=8)

@@ -31,6 +31,7 @@ import yaml
 from benchmarks.quality import pipeline, train
 from benchmarks.report import machine, table
 from benchmarks.throughput import measure_stages
+from pipeline.__main__ import OneLineParser
 from pipeline.config import load_experiment, stage_names
 from pipeline.inference.features import as_shown
 from pipeline.inference.pictures import image_grid
@@ -119,7 +120,8 @@ def markdown(results: dict, command: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m benchmarks.depth", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", default="emoji64")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--n", type=int, default=500, help="samples per cascade for FID/KID")

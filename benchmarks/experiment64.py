@@ -11,6 +11,7 @@ import torch
 
 from benchmarks import memory, throughput
 from benchmarks.sampling import cascade_of
+from pipeline.__main__ import OneLineParser
 from pipeline.config import load_experiment
 
 EXPERIMENT = "emoji64"
@@ -56,13 +57,12 @@ def markdown(r: dict) -> list[str]:
 def main() -> None:
     """`python -m benchmarks.experiment64 [--quick]`: this part of `make bench` alone, into
     bench/experiment64.json and bench/experiment64.md."""
-    import argparse
     import json
     from pathlib import Path
 
     from benchmarks.report import machine
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = OneLineParser(prog="python -m benchmarks.experiment64", description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args()

@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import machine
+from pipeline.__main__ import OneLineParser
 from pipeline.inference.features import as_shown
 from pipeline.inference.quality import fid_kid, run_features, split_images
 from pipeline.inference.sample import draw, load_cascade
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m benchmarks.fid_stability", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", default="fashion_mnist")
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--n", type=int, nargs="+", default=[250, 500, 1000, 2000])

@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.throughput import matmul_peak
+from pipeline.__main__ import OneLineParser
 from pipeline.inference.cascade import Cascade
 from stages import STAGES
 from stages.plan import ORDER
@@ -99,7 +100,8 @@ def run(smoke: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m benchmarks.gpu", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/gpu.json")
     parser.add_argument("--smoke", action="store_true", help="tiny networks: seconds on a CPU (what CI runs)")
     args = parser.parse_args()

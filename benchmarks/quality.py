@@ -128,7 +128,7 @@ def train_pixelcnnpp(config: dict, minutes: float, lr: float, images: Path, seed
     x = torch.from_numpy(np.load(images)["images"]).long() >> (8 - config["data"]["bits"])
     with torch.no_grad():
         nats = sum(float(model.nll(x[i:i + 250]).double().sum()) for i in range(0, len(x), 250))
-    return {"bpd": nats / (x.numel() * np.log(2)), "steps": steps,
+    return {"bpd": float(nats / (x.numel() * np.log(2))), "steps": steps,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 

@@ -23,3 +23,8 @@ def table(header: list[str], rows: list[list]) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def minutes_text(minutes: float) -> str:
+    """'1 minute', '0.2 minutes', '15 minutes'."""
+    return f"{minutes:g} minute" + ("" if minutes == 1 else "s")

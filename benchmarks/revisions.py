@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.__main__ import OneLineParser
+
 ROOT = Path(__file__).resolve().parent.parent
 MEASURES = {"native": "C++ loop, s per image", "fast": "default sampler, s per image",
             "encode": "compress, s per image", "decode": "decompress, s per image"}
@@ -111,7 +113,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m benchmarks.revisions", description=__doc__.splitlines()[0])
     parser.add_argument("before")
     parser.add_argument("after", nargs="?", default="HEAD")
     parser.add_argument("--rounds", type=int, default=10)

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from benchmarks import codec, experiment64, memory, quality, sampling, throughput
-from benchmarks.report import machine, table
+from benchmarks.report import machine, minutes_text, table
+from pipeline.__main__ import OneLineParser
 
 PARTS = ("memory", "sampling", "throughput", "experiment64", "quality", "gpu")
 
@@ -81,9 +82,9 @@ def markdown(results: dict) -> str:
         rows.append(["cascade's lead over PixelCNN++", *[p["cascade_lead"] for p in q["points"]]])
         out.append(table(["model", *[f"{p['minutes']:g} min" for p in q["points"]]], rows))
         out.append("\nA lead of at least 0.10 bits/dim over PixelCNN++: " + ", ".join(
-            f"{'yes' if p['cascade_lead'] >= 0.10 else 'no'} at {p['minutes']:g} minutes" for p in q["points"]) + ".\n")
+            f"{'yes' if p['cascade_lead'] >= 0.10 else 'no'} at {minutes_text(p['minutes'])}" for p in q["points"]) + ".\n")
         first = q["points"][0]
-        out.append(f"\nThe cascade's stages at {first['minutes']:g} minutes: "
+        out.append(f"\nThe cascade's stages at {minutes_text(first['minutes'])}: "
                    + ", ".join(f"{k} {v:.3f}" for k, v in first["cascade"]["stages"].items())
                    + (f"; its real compressed file {first['cascade']['compressed_bpd']:.4f}"
                       if first["cascade"].get("compressed_bpd") else "") + ".\n")
@@ -91,7 +92,7 @@ def markdown(results: dict) -> str:
             out.append("Each slice's share of its bits/dim (bits per sub-pixel of the slice): " + ", ".join(
                 f"{row['stage']} {row['part']} k={row['k']} {row['bpd']:.3f} ({row['bits_per_subpixel']:.2f})"
                 for row in first["cascade"]["slices"]) + ".\n")
-        out.append(f"Learning-rate sweep: each rate trained {q['sweep']['cascade']['pilot_minutes']:g} minutes, "
+        out.append(f"Learning-rate sweep: each rate trained {minutes_text(q['sweep']['cascade']['pilot_minutes'])}, "
                    f"validation bits/dim on {q['val_images']} validation images:\n")
         out.append(table(["model", "base lr", *[f"x{f}" for f in q["sweep"]["cascade"]["val_bpd"]], "chosen lr"],
                          [[names[m], q["sweep"][m]["base_lr"], *q["sweep"][m]["val_bpd"].values(), q["lr"][m]]
@@ -126,7 +127,8 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m benchmarks.run", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per model (default 15, quick 1)")
@@ -135,14 +137,14 @@ def main() -> None:
     parser.add_argument("--exp", default="fashion_mnist")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"the parts to run, comma-separated (default all: {','.join(PARTS)}; codec follows quality)")
-    parser.add_argument("--out", default="bench")
+    parser.add_argument("--out", default=None, help="the folder of the report (default bench; --quick: bench/quick)")
     args = parser.parse_args()
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
         sys.exit(f"error: --parts {args.parts!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none named'}; "
                  f"name some of {', '.join(PARTS)}")
-    out = Path(args.out)
+    out = Path(args.out or ("bench/quick" if args.quick else "bench"))  # a quick try keeps the committed report
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     minutes = args.minutes if args.minutes is not None else 0.1 if args.smoke else 1.0 if args.quick else 15.0
@@ -174,7 +176,7 @@ def main() -> None:
         except ValueError as error:  # its data cannot be had here (the emoji packages): the rest still runs
             print(f"  left out: {error}", flush=True)
     if "quality" in parts:
-        print(f"quality at {minutes:g} minutes each ...", flush=True)
+        print(f"quality at {minutes_text(minutes)} each ...", flush=True)
         longer = None if args.smoke else args.longer if args.longer is not None else 2 * minutes if args.quick else 40.0
         results["quality"] = quality.run(experiment, minutes,
                                          test_images=64 if args.smoke else 1000 if args.quick else None,

@@ -53,3 +53,13 @@ def test_bench_runs_the_parts_named_and_refuses_others(tmp_path):
         "error: --parts 'quality,speed': unknown speed; name some of "
         "memory, sampling, throughput, experiment64, quality, gpu"]
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("module, arguments", [("run", ["--minutes", "abc"]), ("ablate", ["--stage", "depth"]),
+                                               ("revisions", [])])
+def test_a_benchmark_usage_mistake_is_one_line(module, arguments):
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *arguments], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert f"python -m benchmarks.{module} --help" in lines[0]
