@@ -6,9 +6,13 @@ The stage's real training step (Monte-Carlo estimator, AdamW betas (0.9, 0.95), 
 loop on Fashion-MNIST at 28 x 28, without Lightning. With --seconds, 25 timed steps first
 fix how many steps fit (so that the schedule completes). Then the exact validation share of
 the stage (its slices' NLL per dimension of the whole image) on the first 1,000 validation
-images, and each slice's own bits per sub-pixel. One JSON line per run goes to --log.
+images, and each slice's own bits per sub-pixel. One JSON line per run goes to --log. --save writes the
+trained stage as a checkpoint, and --init starts a stage from the decoder of the stage before it in the
+cascade's order, saved so (`SubscaleStage.start_from`, as `init_from` does in training).
 
     python -m benchmarks.ablate --stage size_spn --high-bits 8 --seconds 480 --model '{"width": 64}'
+    python -m benchmarks.ablate --stage first_slice --subscale 2 --steps 1000 --save runs/first.ckpt
+    python -m benchmarks.ablate --stage size_spn --subscale 2 --steps 2000 --init runs/first.ckpt
 """
 from __future__ import annotations
 
@@ -23,8 +27,10 @@ import torch
 
 from data.datamodule import SubscaleDataModule
 from pipeline.__main__ import OneLineParser
+from pipeline.checkpoints import load_stage, save_stage
 from stages import STAGES
 from stages.metrics import bits_per_dim
+from stages.plan import ORDER
 
 DEFAULT_MODEL = dict(width=128, layers=4, heads=4, context_width=128, context_layers=2, context_attention_layers=1)
 
@@ -58,9 +64,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--model", default="{}", help="JSON of stage arguments over the defaults")
+    parser.add_argument("--init", default="", help="the checkpoint (--save) of the stage before it, whose decoder "
+                                                   "the stage starts from")
+    parser.add_argument("--save", default="", help="write the trained stage to this checkpoint")
     parser.add_argument("--tag", default="")
     parser.add_argument("--log", default="bench/ablations.jsonl")
     args = parser.parse_args()
+    if args.init and args.stage == ORDER[0]:
+        parser.error(f"--init: the {ORDER[0]} is the first stage and starts from none")
+    if args.init and not Path(args.init).is_file():
+        parser.error(f"--init {args.init}: no such checkpoint (write one with --save)")
 
     torch.manual_seed(0)
     data = SubscaleDataModule(source={"kind": "fashion_mnist"}, image_size=28, channels=1, bits=args.bits,
@@ -71,6 +84,8 @@ def main() -> None:
     model = {**DEFAULT_MODEL, **json.loads(args.model)}
     stage = STAGES[args.stage](image_size=28, channels=1, bits=args.bits, high_bits=args.high_bits,
                                subscale=args.subscale, **model)
+    if args.init:
+        stage.start_from(load_stage(ORDER[ORDER.index(args.stage) - 1], args.init))
     initial = copy.deepcopy(stage.state_dict())
     decay = [p for p in stage.parameters() if p.dim() >= 2]
     no_decay = [p for p in stage.parameters() if p.dim() < 2]
@@ -117,8 +132,11 @@ def main() -> None:
                 break
     seconds = time.time() - start
     val, per_slice = exact_val(stage, data)
+    if args.save:
+        save_stage(stage, args.save, args.steps)
     result = {"tag": args.tag, "stage": args.stage, "bits": args.bits, "high_bits": args.high_bits,
-              "subscale": args.subscale, "steps": args.steps, "batch": args.batch, "lr": args.lr, "model": model,
+              "subscale": args.subscale, "init": args.init, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+              "model": model,
               "parameters": sum(p.numel() for p in stage.parameters()), "train_s": round(seconds),
               "val_bpd": round(val, 4), "per_slice_bits": per_slice}
     print(json.dumps(result), flush=True)

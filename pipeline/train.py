@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from data.datamodule import SubscaleDataModule
 from pipeline.callbacks import PlainProgress, SampleGrid, ValidationQuality
-from pipeline.checkpoints import AtomicCheckpointIO, save_stage
+from pipeline.checkpoints import AtomicCheckpointIO, load_stage, save_stage
 from pipeline.config import ConfigError, lightning_config, load_experiment, wandb_init_timeout
 from pipeline.tracking import wandb_failure
 from stages import GEOMETRY, STAGES
@@ -153,6 +153,19 @@ def alone(work: Path, stage: str, run_dir: Path):
         lock.release()
 
 
+def warm_start(model, source: Path) -> None:
+    """Start a fresh stage from the trained decoder of the earlier stage its `init_from` names
+    (`SubscaleStage.start_from`), read from that stage's final checkpoint `source`. Raises
+    FileNotFoundError when the checkpoint is missing, ValueError when it is unreadable or its decoder
+    does not fit this stage's."""
+    name = model.hparams.init_from
+    if not source.exists():
+        raise FileNotFoundError(f"the {model.stage} starts from the trained {name} decoder (init_from: {name}), but "
+                                f"{source} does not exist: train the {name} first (make train-all), or remove init_from")
+    model.start_from(load_stage(name, source))
+    print(f"{model.stage}: starts from the {name} decoder of {source}")
+
+
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Train (or resume) one stage of experiment `exp` in `run_dir`; return the final checkpoint path.
     `overrides` are LightningCLI arguments. Raises ConfigError (a ValueError) for bad settings,
@@ -216,6 +229,8 @@ def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, conf
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     if last.exists():
         print(f"resuming {stage} from {last}")
+    elif model.hparams.init_from:
+        warm_start(model, run_dir / "checkpoints" / f"{model.hparams.init_from}.ckpt")
     final = run_dir / "checkpoints" / f"{stage}.ckpt"
     try:
         try:

@@ -48,7 +48,9 @@ class SubscaleStage(L.LightningModule):
     the slices the stage models, trained with the paper's Monte-Carlo estimator (one random target
     slice per example) and validated on the exact NLL of all its slices (`val/bpd`: its share of the whole image's
     bits/dim). Geometry: image_size (H or [H, W]), channels C, bits n, high_bits b, subscale S;
-    raises ValueError for settings that do not fit together or do not suit the stage."""
+    `init_from`: the earlier stage whose trained decoder this one starts from (`start_from`; training does
+    it when the stage starts afresh). Raises ValueError for settings that do not fit together or do not suit
+    the stage."""
 
     stage = ""  # name of the stage: its checkpoint file and W&B job_type
 
@@ -69,12 +71,17 @@ class SubscaleStage(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int = 200,
+        init_from: str | None = None,
         compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else image_size
         check_settings(bits, high_bits, subscale, self.height, self.width)
+        earlier = plan.ORDER[: plan.ORDER.index(self.stage)] if self.stage in plan.ORDER else ()
+        if init_from is not None and init_from not in earlier:
+            raise ValueError(f"init_from={init_from!r}: the {self.stage} can start from the decoder of an earlier stage "
+                             f"({', '.join(earlier) or 'it has none'}), or from none")
         self.S, self.C = subscale, channels
         self.h, self.w = self.height // subscale, self.width // subscale
         self.dims = self.height * self.width * channels  # bits/dim is per sub-pixel of the whole image
@@ -129,6 +136,27 @@ class SubscaleStage(L.LightningModule):
     def sliced(self, batch: dict) -> dict:
         """A batch {"msb", "lsb": (B, H, W, C)} -> its slices {"msb", "lsb": (B, S*S, h, w, C)}."""
         return {part: to_slices(batch[part], self.S) for part in ("msb", "lsb")}
+
+    def start_from(self, source: SubscaleStage) -> None:
+        """Warm start: copy the trained decoder of an earlier stage `source` into this stage's decoder: the value
+        embedding, the positions, the first `layers` blocks, the final norm and the head; the context projection
+        and the conditioning network keep their initialisation. The stage then starts from a model of one
+        slice's sub-pixels and learns to read its context. Raises ValueError when the decoders do not fit
+        together (another width, number of heads, slice or number of values, or fewer layers in `source`)."""
+        name, theirs = source.stage, source.decoder.state_dict()
+        mismatch = ""
+        if source.hparams.heads != self.hparams.heads:
+            mismatch = f"its heads are {self.hparams.heads}, the {name}'s {source.hparams.heads}"
+        own = {key: value for key, value in self.decoder.state_dict().items() if not key.startswith("context_projection.")}
+        for key, value in own.items():
+            if not mismatch and (key not in theirs or theirs[key].shape != value.shape):
+                got = f"has {tuple(theirs[key].shape)}" if key in theirs else "has none"
+                mismatch = f"its {key} is {tuple(value.shape)}, the {name}'s {got}"
+        if mismatch:
+            raise ValueError(f"the {self.stage} cannot start from the {name} decoder (init_from: {name}): {mismatch}; "
+                             f"give both the same width, heads and values, and the {name} at least as many layers, "
+                             f"or remove init_from")
+        self.decoder.load_state_dict({key: theirs[key] for key in own}, strict=False)
 
     def known_mask(self, k: torch.Tensor) -> torch.Tensor:
         """(B,) target slice ids -> (B, S*S) float, 1 for the slices of the modelled part drawn before k."""

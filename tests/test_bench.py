@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.quality import SWEEP
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +25,7 @@ def test_bench_smoke_writes_both_result_files(tmp_path):
     assert all(cascade["images_agree"] for cascade in results["sampling"]["cascades"])
     assert {"minutes", "cascade_bpd", "single_transformer_bpd", "pixelcnnpp_bpd", "codecs"} <= set(results["quality"])
     assert set(results["quality"]["sweep"]) == {"cascade", "single_transformer", "pixelcnnpp"}  # the same sweep for each
-    assert all(len(sweep["val_bpd"]) == 3 for sweep in results["quality"]["sweep"].values())
+    assert all(len(sweep["val_bpd"]) == len(SWEEP) for sweep in results["quality"]["sweep"].values())
     assert results["sampling"]["decoder"]["agree"]
     assert results["codec"]["identical"]
     assert "## Quality at equal compute" in (tmp_path / "results.md").read_text()
@@ -56,7 +58,7 @@ def test_bench_runs_the_parts_named_and_refuses_others(tmp_path):
 
 
 @pytest.mark.parametrize("module, arguments", [("run", ["--minutes", "abc"]), ("ablate", ["--stage", "depth"]),
-                                               ("revisions", [])])
+                                               ("ablate", ["--init", "missing.ckpt"]), ("revisions", [])])
 def test_a_benchmark_usage_mistake_is_one_line(module, arguments):
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *arguments], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -1,4 +1,5 @@
 """Causality, the Monte-Carlo estimator, cached decoding and the paper-sized configs."""
+import dataclasses
 import os
 import subprocess
 import time
@@ -136,6 +137,45 @@ def test_training_draws_each_of_the_stages_own_slices_equally_often(name, monkey
     assert set(torch.nonzero(counts).flatten().tolist()) == set(modelled)
     expected = 4000 / len(modelled)
     assert (counts[modelled] - expected).abs().max() < 5 * expected**0.5  # 5 standard deviations
+
+
+@pytest.mark.parametrize("layers", [2, 1])
+def test_a_stage_started_from_the_first_slice_decoder_predicts_as_it_does_before_reading_its_context(layers):
+    """init_from: the size SPN's decoder takes the first-slice decoder's weights (its first `layers` blocks);
+    with its context projection at zero it then gives, for every slice and context, the logits of those."""
+    first = make_stages(bits=4, high_bits=4)["first_slice"]  # b = n: both stages model 4-bit values
+    size = make_stages(bits=4, high_bits=4, seed=1, layers=layers)["size_spn"]
+    projection = size.decoder.context_projection.weight.clone()
+    size.start_from(first)
+    assert torch.equal(size.decoder.context_projection.weight, projection)  # the context is still its own
+    assert torch.equal(size.decoder.head.weight, first.decoder.head.weight)
+    with torch.no_grad():
+        size.decoder.context_projection.weight.zero_()
+        size.decoder.context_projection.bias.zero_()
+        reference = SliceDecoder(dataclasses.replace(first.decoder.cfg, layers=layers))  # its first `layers` blocks
+        reference.load_state_dict({key: value for key, value in first.decoder.state_dict().items()
+                                   if not key.startswith(f"blocks.{layers}.")})
+        known = random_known(size, batch=3)
+        for k in size.modelled_slices():
+            values = to_sequence(known["msb"][:, k]).long()
+            assert torch.allclose(slice_logits(size, known, k), reference(values), atol=1e-5), k
+
+
+def test_a_decoder_that_does_not_fit_is_refused_naming_what_differs():
+    first = make_stages(bits=4, high_bits=4)["first_slice"]
+    for net, what in (({"width": 24, "context_width": 24}, "its position is (16, 24), the first_slice's has (16, 16)"),
+                      ({"heads": 4}, "its heads are 4, the first_slice's 2"),
+                      ({"layers": 3}, "its blocks.2.norm1.weight is (16,), the first_slice's has none")):
+        size = make_stages(bits=4, high_bits=4, **net)["size_spn"]
+        before = {key: value.clone() for key, value in size.state_dict().items()}
+        with pytest.raises(ValueError, match="cannot start from the first_slice decoder") as error:
+            size.start_from(first)
+        assert what in str(error.value) and "or remove init_from" in str(error.value)
+        assert all(torch.equal(value, before[key]) for key, value in size.state_dict().items())  # nothing copied
+    with pytest.raises(ValueError, match="from the decoder of an earlier stage .first_slice, size_spn."):
+        STAGES["depth_spn"](image_size=8, bits=4, high_bits=2, subscale=2, init_from="depth_spn")
+    with pytest.raises(ValueError, match="it has none"):
+        STAGES["first_slice"](image_size=8, bits=4, high_bits=2, subscale=2, init_from="first_slice")
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -236,6 +236,31 @@ def test_changed_settings_set_the_old_checkpoint_aside(tmp_path):
     assert model.hparams.width == 24
 
 
+def test_a_stage_with_init_from_starts_from_the_trained_decoder_only_when_it_starts_afresh(tmp_path):
+    """init_from: first_slice: a fresh size SPN takes the trained first-slice decoder's weights (at learning
+    rate 0 they stay so); a resumed one keeps its own; without the first slice's checkpoint, one line."""
+    run = ["train", "--exp", "smoke", "--run-dir", str(tmp_path)]
+    start = [*run, "--stage", "size_spn", "--model.init_from=first_slice"]
+    missing = run_pipeline(*start, "--trainer.max_steps=2")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1] == (
+        f"error: the size_spn starts from the trained first_slice decoder (init_from: first_slice), but "
+        f"{tmp_path / 'checkpoints' / 'first_slice.ckpt'} does not exist: train the first_slice first "
+        f"(make train-all), or remove init_from")
+    assert run_pipeline(*run, "--stage", "first_slice", "--trainer.max_steps=4").returncode == 0
+    fresh = run_pipeline(*start, "--trainer.max_steps=4", "--model.lr=0")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "size_spn: starts from the first_slice decoder" in fresh.stdout
+    first, size = (torch.load(tmp_path / "checkpoints" / f"{name}.ckpt", weights_only=True)["state_dict"]
+                   for name in ("first_slice", "size_spn"))
+    copied = [key for key in first if key.startswith("decoder.")]
+    assert copied and all(torch.equal(size[key], first[key]) for key in copied)
+    (tmp_path / "checkpoints" / "size_spn.ckpt").unlink()  # train on: it resumes from its own last.ckpt
+    resumed = run_pipeline(*start, "--trainer.max_steps=6", "--model.lr=0")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming size_spn" in resumed.stdout and "starts from" not in resumed.stdout
+
+
 def test_ids_and_names_that_look_like_numbers_stay_strings(tmp_path, monkeypatch):
     """A W&B run id such as 6e360127 (and an experiment of that name) must not come back as a float."""
     monkeypatch.setenv("WANDB_MODE", "offline")
