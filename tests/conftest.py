@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -14,6 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def no_wandb_by_default(monkeypatch):
     """Tests log nothing to W&B unless they ask for it (the W&B test sets offline)."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture
+def ctrl_c():
+    """Ctrl+C raises KeyboardInterrupt during the test, as in a terminal, even in a suite started in the
+    background (where the shell set SIGINT to be ignored); the process's own handling comes back after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 TINY = dict(width=16, layers=2, heads=2, context_width=16, context_layers=1, context_attention_layers=1)

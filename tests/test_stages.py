@@ -251,7 +251,7 @@ def test_the_cpp_sampler_draws_what_the_reference_draws(name, channels, temperat
         assert_same_draws(stage.decoder, ctx, 3, draws, "cached", temperature)
 
 
-def test_ctrl_c_stops_the_cpp_sampler_within_a_step():
+def test_ctrl_c_stops_the_cpp_sampler_within_a_step(ctrl_c):
     """The C++ loop checks for signals at every step: Ctrl+C does not wait for the slice to end."""
     torch.manual_seed(0)
     decoder = SliceDecoder(DecoderConfig(n_values=256, slice_shape=(32, 32, 3), width=32, layers=2, heads=2)).eval()
