@@ -33,11 +33,26 @@ class DecoderConfig:
     heads: int = 4
     context_width: int = 0  # 0: unconditional (the first-slice decoder)
     dropout: float = 0.0
+    ordinal_init: bool = True  # value embedding and output head start smooth in the value (`ordinal_rows`)
 
     @property
     def length(self) -> int:
         h, w, c = self.slice_shape
         return h * w * c
+
+
+def ordinal_rows(n_values: int, width: int, std: float, frequencies: int = 16) -> torch.Tensor:
+    """Initial rows (n_values, width) that vary smoothly with the value v = 0 .. n_values-1: a random
+    Gaussian projection of the cosine features cos(pi * f * (v + 1/2) / n_values), f = 1 .. min(16,
+    n_values - 1) (the low frequencies of a DCT over the values), scaled to standard deviation `std`.
+    Neighbouring values get nearly the same row, distant ones unrelated rows: the prior that a
+    discretized logistic output (PixelCNN++) builds in and a categorical softmax over 2**bits values
+    has to learn. Uses torch's global random generator."""
+    values = (torch.arange(n_values) + 0.5) / n_values
+    count = max(1, min(frequencies, n_values - 1))
+    features = torch.cos(torch.pi * torch.arange(1, count + 1)[None] * values[:, None])  # (n_values, count)
+    rows = features @ torch.randn(count, width)
+    return rows * (std / rows.std())
 
 
 @dataclass
@@ -230,7 +245,8 @@ class SliceDecoder(nn.Module):
     """Autoregressive model of the T = h*w*C sub-pixels of one slice (the paper's slice decoder): a causal
     transformer whose input at position t is the value at t-1 (a start token at t = 0), a learnt
     position and the context of t's own pixel; its output at t is the logits of sub-pixel t's
-    categorical distribution over 2**bits values. Incremental decoding: the C++ loop of
+    categorical distribution over 2**bits values (its value embedding and head rows start smooth in the value
+    where cfg.ordinal_init, `ordinal_rows`). Incremental decoding: the C++ loop of
     `stages.native` (the default on a CPU), `IncrementalDecoder` (fewer operations per step) and
     `step` (simple, the reference); `sample` draws a slice."""
 
@@ -245,6 +261,11 @@ class SliceDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.n_values)
+        if cfg.ordinal_init:  # the start token's row stays as nn.Embedding made it
+            with torch.no_grad():
+                self.value_embedding.weight[: cfg.n_values] = ordinal_rows(
+                    cfg.n_values, cfg.width, float(self.value_embedding.weight.std()))
+                self.head.weight.copy_(ordinal_rows(cfg.n_values, cfg.width, float(self.head.weight.std())))
 
     def context_tokens(self, context: torch.Tensor | None) -> torch.Tensor | None:
         """Per-pixel context (B, h*w, Dc) -> per-sub-pixel input term (B, T, width)."""

@@ -48,7 +48,8 @@ class SubscaleStage(L.LightningModule):
     the slices the stage models, trained with the paper's Monte-Carlo estimator (one random target
     slice per example) and validated on the exact NLL of all its slices (`val/bpd`: its share of the whole image's
     bits/dim). Geometry: image_size (H or [H, W]), channels C, bits n, high_bits b, subscale S;
-    `init_from`: the earlier stage whose trained decoder this one starts from (`start_from`; training does
+    `ordinal_init`: the decoder's value embedding and output head start smooth in the value
+    (`stages.networks.ordinal_rows`); `init_from`: the earlier stage whose trained decoder this one starts from (`start_from`; training does
     it when the stage starts afresh). Raises ValueError for settings that do not fit together or do not suit
     the stage."""
 
@@ -65,6 +66,7 @@ class SubscaleStage(L.LightningModule):
         layers: int = 4,
         heads: int = 4,
         dropout: float = 0.0,
+        ordinal_init: bool = True,
         context_width: int = 128,
         context_layers: int = 4,
         context_attention_layers: int = 1,
@@ -92,7 +94,8 @@ class SubscaleStage(L.LightningModule):
             layers=context_layers, attention_layers=context_attention_layers, heads=heads))
         self.decoder = SliceDecoder(DecoderConfig(
             n_values=2**self.value_bits, slice_shape=(self.h, self.w, channels), width=width,
-            layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout))
+            layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout,
+            ordinal_init=ordinal_init))
         self.val_nll = MeanMetric()
         self.slice_ids = torch.tensor(self.modelled_slices())  # on the CPU, like the estimator's generator
         # before[k, j] = 1 where slice j of the modelled part is drawn before its slice k (`stages.plan`)

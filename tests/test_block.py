@@ -17,7 +17,8 @@ from torch import nn
 from conftest import make_stages
 from stages.networks import Block, ContextConfig, DecoderConfig, IncrementalDecoder, SelfAttention, SliceDecoder
 
-BASE = dict(n_values=8, slice_shape=(2, 3, 2), width=16, layers=2, heads=2, context_width=8, dropout=0.0)
+BASE = dict(n_values=8, slice_shape=(2, 3, 2), width=16, layers=2, heads=2, context_width=8, dropout=0.0,
+            ordinal_init=True)
 
 # option -> values tried on every path (DecoderConfig's fields and Block's own arguments)
 VARIANTS = {
@@ -28,6 +29,7 @@ VARIANTS = {
     "heads": [1, 4],
     "context_width": [0, 5],
     "dropout": [0.1],  # a decoder in eval mode: no dropout anywhere
+    "ordinal_init": [False],
     "causal": [True],  # Block's own: a non-causal block is refused by pack (test below)
 }
 PATHS = ("cached", "incremental", "native", "canonical")

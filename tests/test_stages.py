@@ -161,6 +161,25 @@ def test_a_stage_started_from_the_first_slice_decoder_predicts_as_it_does_before
             assert torch.allclose(slice_logits(size, known, k), reference(values), atol=1e-5), k
 
 
+def test_a_new_decoder_starts_with_rows_smooth_in_the_value():
+    """ordinal_init: neighbouring values start with nearly the same value-embedding and head rows, at the
+    scale nn.Embedding and nn.Linear give; without it the rows are unrelated. Few values (n = 2, 4) build too."""
+    def neighbour_similarity(rows):
+        rows = torch.nn.functional.normalize(rows, dim=1)
+        return float((rows[:-1] * rows[1:]).sum(1).mean())
+
+    torch.manual_seed(0)
+    for ordinal in (True, False):
+        decoder = SliceDecoder(DecoderConfig(n_values=256, slice_shape=(2, 2, 1), width=64, ordinal_init=ordinal))
+        embedding, head = decoder.value_embedding.weight[:256], decoder.head.weight
+        for rows, std in ((embedding, 1.0), (head, 1 / (3 * 64) ** 0.5)):
+            assert float(rows.std()) == pytest.approx(std, rel=0.1)
+            assert (neighbour_similarity(rows) > 0.9) if ordinal else (abs(neighbour_similarity(rows)) < 0.2)
+    for n_values in (2, 4):
+        rows = SliceDecoder(DecoderConfig(n_values=n_values, slice_shape=(2, 2, 1), width=16)).head.weight
+        assert torch.cdist(rows, rows)[~torch.eye(n_values, dtype=torch.bool)].min() > 0.1  # distinct rows
+
+
 def test_a_decoder_that_does_not_fit_is_refused_naming_what_differs():
     first = make_stages(bits=4, high_bits=4)["first_slice"]
     for net, what in (({"width": 24, "context_width": 24}, "its position is (16, 24), the first_slice's has (16, 16)"),
