@@ -49,9 +49,9 @@ class SubscaleStage(L.LightningModule):
     slice per example) and validated on the exact NLL of all its slices (`val/bpd`: its share of the whole image's
     bits/dim). Geometry: image_size (H or [H, W]), channels C, bits n, high_bits b, subscale S;
     `ordinal_init`: the decoder's value embedding and output head start smooth in the value
-    (`stages.networks.ordinal_rows`); `init_from`: the earlier stage whose trained decoder this one starts from (`start_from`; training does
-    it when the stage starts afresh). Raises ValueError for settings that do not fit together or do not suit
-    the stage."""
+    (`stages.networks.ordinal_rows`); `init_from`: the earlier stage whose trained decoder this one
+    starts from (`start_from`; training does it when the stage starts afresh). Raises ValueError for
+    settings that do not fit together or do not suit the stage."""
 
     stage = ""  # name of the stage: its checkpoint file and W&B job_type
 
