@@ -33,7 +33,7 @@ class DecoderConfig:
     heads: int = 4
     context_width: int = 0  # 0: unconditional (the first-slice decoder)
     dropout: float = 0.0
-    ordinal_init: bool = True  # value embedding and output head start smooth in the value (`ordinal_rows`)
+    ordinal_init: bool = True  # value embedding and head start smooth in the value, from 32 values (`ordinal_rows`)
 
     @property
     def length(self) -> int:
@@ -41,15 +41,23 @@ class DecoderConfig:
         return h * w * c
 
 
+ORDINAL_MIN_VALUES = 32  # fewer values (under 5 bits) keep PyTorch's random rows: few, far apart in intensity
+
+
 def ordinal_rows(n_values: int, width: int, std: float, frequencies: int = 16) -> torch.Tensor:
     """Initial rows (n_values, width) that vary smoothly with the value v = 0 .. n_values-1: a random
     Gaussian projection of the cosine features cos(pi * f * (v + 1/2) / n_values), f = 1 .. min(16,
-    n_values - 1) (the low frequencies of a DCT over the values), scaled to standard deviation `std`.
+    n_values // 16) (the low frequencies of a DCT over the values, the same share of them at every bit
+    depth: neighbouring rows have a cosine similarity of about 0.99), scaled to standard deviation `std`.
     Neighbouring values get nearly the same row, distant ones unrelated rows: the prior that a
     discretized logistic output (PixelCNN++) builds in and a categorical softmax over 2**bits values
-    has to learn. Uses torch's global random generator."""
+    has to learn. Uses torch's global random generator. Raises ValueError for fewer than
+    ORDINAL_MIN_VALUES values."""
+    if n_values < ORDINAL_MIN_VALUES:
+        raise ValueError(f"ordinal_rows: {n_values} values; rows smooth in the value need at least "
+                         f"{ORDINAL_MIN_VALUES}")
     values = (torch.arange(n_values) + 0.5) / n_values
-    count = max(1, min(frequencies, n_values - 1))
+    count = min(frequencies, n_values // 16)
     features = torch.cos(torch.pi * torch.arange(1, count + 1)[None] * values[:, None])  # (n_values, count)
     rows = features @ torch.randn(count, width)
     return rows * (std / rows.std())
@@ -245,10 +253,10 @@ class SliceDecoder(nn.Module):
     """Autoregressive model of the T = h*w*C sub-pixels of one slice (the paper's slice decoder): a causal
     transformer whose input at position t is the value at t-1 (a start token at t = 0), a learnt
     position and the context of t's own pixel; its output at t is the logits of sub-pixel t's
-    categorical distribution over 2**bits values (its value embedding and head rows start smooth in the value
-    where cfg.ordinal_init, `ordinal_rows`). Incremental decoding: the C++ loop of
-    `stages.native` (the default on a CPU), `IncrementalDecoder` (fewer operations per step) and
-    `step` (simple, the reference); `sample` draws a slice."""
+    categorical distribution over 2**bits values (its value-embedding and head rows start smooth in the
+    value where cfg.ordinal_init and there are at least ORDINAL_MIN_VALUES values, `ordinal_rows`).
+    Incremental decoding: the C++ loop of `stages.native` (the default on a CPU), `IncrementalDecoder`
+    (fewer operations per step) and `step` (simple, the reference); `sample` draws a slice."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -261,7 +269,7 @@ class SliceDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.n_values)
-        if cfg.ordinal_init:  # the start token's row stays as nn.Embedding made it
+        if cfg.ordinal_init and cfg.n_values >= ORDINAL_MIN_VALUES:  # the start token's row stays random
             with torch.no_grad():
                 self.value_embedding.weight[: cfg.n_values] = ordinal_rows(
                     cfg.n_values, cfg.width, float(self.value_embedding.weight.std()))

@@ -29,7 +29,7 @@ VARIANTS = {
     "heads": [1, 4],
     "context_width": [0, 5],
     "dropout": [0.1],  # a decoder in eval mode: no dropout anywhere
-    "ordinal_init": [False],
+    "ordinal_init": [False],  # rows smooth in the value start at 32 values: n_values 32 above has them
     "causal": [True],  # Block's own: a non-causal block is refused by pack (test below)
 }
 PATHS = ("cached", "incremental", "native", "canonical")

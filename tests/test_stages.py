@@ -11,7 +11,7 @@ from conftest import assert_same_draws, make_stages
 from data.transforms import to_sequence
 from pipeline.config import load_experiment
 from stages import STAGES
-from stages.networks import DecoderConfig, SliceDecoder
+from stages.networks import DecoderConfig, SliceDecoder, ordinal_rows
 
 
 def slice_logits(stage, known, k):
@@ -163,7 +163,8 @@ def test_a_stage_started_from_the_first_slice_decoder_predicts_as_it_does_before
 
 def test_a_new_decoder_starts_with_rows_smooth_in_the_value():
     """ordinal_init: neighbouring values start with nearly the same value-embedding and head rows, at the
-    scale nn.Embedding and nn.Linear give; without it the rows are unrelated. Few values (n = 2, 4) build too."""
+    scale nn.Embedding and nn.Linear give, from 32 values (5 bits) on; without it, or with fewer values, the rows
+    are PyTorch's random ones."""
     def neighbour_similarity(rows):
         rows = torch.nn.functional.normalize(rows, dim=1)
         return float((rows[:-1] * rows[1:]).sum(1).mean())
@@ -175,9 +176,18 @@ def test_a_new_decoder_starts_with_rows_smooth_in_the_value():
         for rows, std in ((embedding, 1.0), (head, 1 / (3 * 64) ** 0.5)):
             assert float(rows.std()) == pytest.approx(std, rel=0.1)
             assert (neighbour_similarity(rows) > 0.9) if ordinal else (abs(neighbour_similarity(rows)) < 0.2)
-    for n_values in (2, 4):
-        rows = SliceDecoder(DecoderConfig(n_values=n_values, slice_shape=(2, 2, 1), width=16)).head.weight
-        assert torch.cdist(rows, rows)[~torch.eye(n_values, dtype=torch.bool)].min() > 0.1  # distinct rows
+    torch.manual_seed(1)
+    rows = SliceDecoder(DecoderConfig(n_values=32, slice_shape=(2, 2, 1), width=64)).head.weight  # 5 bits
+    assert neighbour_similarity(rows) > 0.9
+    for n_values in (2, 4, 16):  # under 5 bits the rows stay random, as without ordinal_init
+        made = []
+        for ordinal in (True, False):
+            torch.manual_seed(2)
+            made.append(SliceDecoder(DecoderConfig(n_values=n_values, slice_shape=(2, 2, 1), width=16,
+                                                   ordinal_init=ordinal)).state_dict())
+        assert all(torch.equal(made[0][key], made[1][key]) for key in made[0])
+    with pytest.raises(ValueError, match="at least 32"):
+        ordinal_rows(16, 8, 1.0)
 
 
 def test_a_decoder_that_does_not_fit_is_refused_naming_what_differs():
