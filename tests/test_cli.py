@@ -7,10 +7,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from google.protobuf.message import DecodeError
 
 from conftest import make_stages, save_cascade
 from pipeline.__main__ import main as cli
@@ -86,7 +88,21 @@ def test_project_code_checks_with_exceptions_not_asserts():
 
 
 def wandb_run(folder: Path, job: str = "sample"):
-    files = [f for f in glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb")) if run_info(f).job_type == job]
+    """The one offline run file of `job` in folder/wandb. W&B's service process writes these files; under
+    load a file can lack its run record for a moment after the command returned, so wait up to 20 s."""
+    paths = glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb"))
+    deadline = time.monotonic() + 20
+
+    def read(path):
+        try:
+            return run_info(path)
+        except DecodeError:  # a record half written
+            return None
+
+    while (infos := [read(path) for path in paths]).count(None) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert None not in infos, [path for path, info in zip(paths, infos) if info is None]  # no run record
+    files = [path for path, info in zip(paths, infos) if info.job_type == job]
     assert len(files) == 1, files
     return files[0]
 
