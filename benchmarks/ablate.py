@@ -23,16 +23,38 @@ import math
 import time
 from pathlib import Path
 
+import jsonargparse
 import torch
 
 from data.datamodule import SubscaleDataModule
 from pipeline.__main__ import OneLineParser
 from pipeline.checkpoints import load_stage, save_stage
-from stages import STAGES
+from stages import GEOMETRY, STAGES
 from stages.metrics import bits_per_dim
 from stages.plan import ORDER
 
 DEFAULT_MODEL = dict(width=128, layers=4, heads=4, context_width=128, context_layers=2, context_attention_layers=1)
+
+
+def model_arguments(stage: str, text: str) -> dict:
+    """--model's JSON object of `stage` arguments, each key and value checked against the stage's
+    signature as the pipeline's experiment files are (jsonargparse), values converted to its types.
+    Raises ValueError, in one line, for text that is not a JSON object, an unknown key or a value
+    of the wrong type."""
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model: not JSON ({error})") from None
+    if not isinstance(given, dict):
+        raise ValueError(f"--model: a JSON object of stage arguments is wanted, such as '{{\"width\": 64}}', "
+                         f"not {' '.join(text.split())}")
+    checker = jsonargparse.ArgumentParser(exit_on_error=False)
+    checker.add_class_arguments(STAGES[stage], "model", skip=set(GEOMETRY))  # the geometry has its own flags
+    try:
+        parsed = checker.parse_object({"model": given})
+    except jsonargparse.ArgumentError as error:
+        raise ValueError(f"--model: {' '.join(str(error).split())}") from None
+    return {key: parsed.model[key] for key in given}
 
 
 def exact_val(stage, data) -> tuple[float, dict]:
@@ -75,17 +97,26 @@ def main() -> None:
     if args.init and not Path(args.init).is_file():
         parser.error(f"--init {args.init}: no such checkpoint (write one with --save)")
 
+    geometry = dict(image_size=28, channels=1, bits=args.bits, high_bits=args.high_bits, subscale=args.subscale)
+    try:
+        model = {**DEFAULT_MODEL, **model_arguments(args.stage, args.model)}
+        with torch.random.fork_rng():  # settings the stage refuses, before the data loads; the draws stay as they were
+            STAGES[args.stage](**geometry, **model)
+    except ValueError as error:
+        parser.error(str(error))
+
     torch.manual_seed(0)
     data = SubscaleDataModule(source={"kind": "fashion_mnist"}, image_size=28, channels=1, bits=args.bits,
                               high_bits=args.high_bits, subscale=args.subscale, batch_size=args.batch,
                               eval_batch_size=250, val_subset=1000)
     data.prepare_data()
     data.setup()
-    model = {**DEFAULT_MODEL, **json.loads(args.model)}
-    stage = STAGES[args.stage](image_size=28, channels=1, bits=args.bits, high_bits=args.high_bits,
-                               subscale=args.subscale, **model)
+    stage = STAGES[args.stage](**geometry, **model)
     if args.init:
-        stage.start_from(load_stage(ORDER[ORDER.index(args.stage) - 1], args.init))
+        try:
+            stage.start_from(load_stage(ORDER[ORDER.index(args.stage) - 1], args.init))
+        except ValueError as error:  # a --init whose decoder does not fit this stage's
+            parser.error(str(error))
     initial = copy.deepcopy(stage.state_dict())
     decay = [p for p in stage.parameters() if p.dim() >= 2]
     no_decay = [p for p in stage.parameters() if p.dim() < 2]

@@ -11,7 +11,7 @@ sample_grid, val_quality, wandb: {project: ...}. Any other key, in these section
 one line (`load_experiment`), never ignored.
 
 `lightning_config` composes them into the LightningCLI config of one stage, which
-`pipeline.train` writes to `$(RUN_DIR)/config/<stage>.yaml` and hands to LightningCLI.
+`pipeline.train` hands to LightningCLI and keeps, as parsed, in `$(RUN_DIR)/config/<stage>.yaml`.
 """
 from __future__ import annotations
 

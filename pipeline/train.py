@@ -49,8 +49,9 @@ class LogConfigToLogger(SaveConfigCallback):
     """Log the full composed config (model, data, trainer) as the W&B run's config."""
 
     def save_config(self, trainer, pl_module, stage) -> None:
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams(self.config.as_dict())
+        if trainer.logger is not None:  # not the path of the file it was read from, which is gone by then
+            config = self.config.as_dict()
+            trainer.logger.log_hyperparams({key: value for key, value in config.items() if key != "config"})
 
 
 class StageCLI(LightningCLI):
@@ -133,10 +134,12 @@ class StageBusy(ValueError):
 def alone(work: Path, stage: str, run_dir: Path):
     """Have the stage of `run_dir` to this process while the block runs (a lock file in `work`, which
     the system releases when the process dies, however it dies); raise StageBusy naming the process
-    that has it. Only the first process of a run on several (global rank 0 of node 0) takes it."""
+    that has it. Only the first process of a run on several (global rank 0 of node 0) takes it; the
+    block gets whether this process made `work` (False on the others)."""
     if rank_zero_only.rank != 0 or os.environ.get("NODE_RANK", "0") != "0":
-        yield
+        yield False
         return
+    made = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
     lock, holder = FileLock(work / "training.lock"), work / "training.pid"
     try:
@@ -147,10 +150,29 @@ def alone(work: Path, stage: str, run_dir: Path):
                         f"to end, or stop it, and make the target again") from None
     try:
         holder.write_text(str(os.getpid()))
-        yield
+        yield made
     finally:
         holder.unlink(missing_ok=True)
         lock.release()
+
+
+# what a stage's checkpoint folder holds before it trains: the lock, its holder and the W&B run id
+BOOKKEEPING = ("training.lock", "training.pid", "wandb_id")
+
+
+def undo_start(work: Path, made: list[Path]) -> None:
+    """Remove what a start refused before training wrote: the bookkeeping in `work`, which this process
+    made and still holds the lock of, then `work` and the folders in `made` that are empty. Folders
+    that hold anything else stay, and so does everything in them."""
+    try:
+        if {path.name for path in work.iterdir()} - set(BOOKKEEPING):
+            return
+        for name in BOOKKEEPING:
+            (work / name).unlink(missing_ok=True)
+        for folder in (work, *made):
+            folder.rmdir()
+    except OSError:  # a folder something else lives in now: it stays, and the error that stopped us is the news
+        pass
 
 
 def warm_start(model, source: Path) -> None:
@@ -166,33 +188,52 @@ def warm_start(model, source: Path) -> None:
     print(f"{model.stage}: starts from the {name} decoder of {source}")
 
 
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    part.write_text(text)
+    os.replace(part, path)
+
+
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Train (or resume) one stage of experiment `exp` in `run_dir`; return the final checkpoint path.
     `overrides` are LightningCLI arguments. Raises ConfigError (a ValueError) for bad settings,
     StageBusy (a ValueError) when another process trains the stage in `run_dir`, TrainingDiverged
-    when the loss or the weights stop being finite, KeyboardInterrupt on Ctrl+C."""
+    when the loss or the weights stop being finite, KeyboardInterrupt on Ctrl+C. A fresh stage refused
+    before it trains (a bad setting, a missing checkpoint to start from) leaves the run folder as it
+    found it. `$(RUN_DIR)/config/<stage>.yaml` is written when training starts: the stage's config as
+    LightningCLI parsed it, overrides included."""
     experiment = load_experiment(exp)
     run_dir = Path(run_dir)
     config = lightning_config(experiment, stage, run_dir)
-    with alone(run_dir / "checkpoints" / stage, stage, run_dir):
-        return fit_stage(exp, experiment, stage, run_dir, config, overrides)
-
-
-def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, config: dict, overrides) -> Path:
-    """`train_stage` once this process has the stage to itself; `config` is its LightningCLI config."""
     work = run_dir / "checkpoints" / stage  # resumable state of an unfinished stage
-    config_path = run_dir / "config" / f"{stage}.yaml"
-    config_path.parent.mkdir(parents=True, exist_ok=True)
+    made = [folder for folder in (work.parent, run_dir) if not folder.exists()]
+    with alone(work, stage, run_dir) as fresh:
+        try:
+            cli = prepare_stage(exp, experiment, stage, run_dir, config, overrides)
+        except (ValueError, OSError):
+            if fresh:
+                undo_start(work, made)
+            raise
+        return fit_stage(cli, stage, run_dir)
+
+
+def prepare_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, config: dict, overrides):
+    """Everything of `train_stage` before training, once this process has the stage to itself: the
+    LightningCLI of the stage (`config` is its config before the overrides), its callbacks, a stale
+    checkpoint set aside, the warm start, the online W&B run. Writes nothing but the stage's W&B id."""
+    work = run_dir / "checkpoints" / stage
     last = work / "last.ckpt"
 
     def build():
         config["trainer"]["logger"]["init_args"].update(id=wandb_run_id(work), resume="allow")
-        config_path.write_text(yaml.dump(config, Dumper=QuotedDumper, sort_keys=False))
+        composed = work / f"composed.{os.getpid()}.yaml"  # the config before the overrides, while it is parsed
+        composed.write_text(yaml.dump(config, Dumper=QuotedDumper, sort_keys=False))
         try:
             return StageCLI(
                 STAGES[stage], SubscaleDataModule, run=False,
-                args=["--config", str(config_path), *overrides],
-                save_config_callback=LogConfigToLogger, save_config_kwargs={"overwrite": True},
+                args=["--config", str(composed), *overrides],
+                save_config_callback=LogConfigToLogger, save_config_kwargs={"save_to_log_dir": False},
                 trainer_defaults={"callbacks": callbacks},
                 parser_kwargs={"exit_on_error": False},
             )
@@ -202,6 +243,8 @@ def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, conf
         except MisconfigurationException as error:  # e.g. --trainer.devices=4 on a machine with fewer
             raise ConfigError(f"{' '.join(str(error).split())} (check ARGS and the trainer section of "
                               f"the experiment)") from error
+        finally:
+            composed.unlink(missing_ok=True)
 
     if config["trainer"]["logger"]["init_args"]["mode"] == "offline":
         print(f"W&B is offline: runs are kept in {run_dir / 'wandb'}; upload them later with "
@@ -223,15 +266,25 @@ def fit_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, conf
         settings = {key: value for key, value in data.hparams.items() if not key.startswith("_")}  # ARGS overrides too
         net = run_features(run_dir, {"data": settings}, data.hparams.bits)[0]
         trainer.callbacks.append(ValidationQuality(net, experiment["val_quality"]))
+    if last.exists():
+        print(f"resuming {stage} from {last}")
+    elif model.hparams.init_from:  # before the online W&B run: a missing checkpoint starts no empty run
+        warm_start(model, run_dir / "checkpoints" / f"{model.hparams.init_from}.ckpt")
     if config["trainer"]["logger"]["init_args"]["mode"] == "online":
         os.environ["WANDB_INIT_TIMEOUT"] = str(wandb_init_timeout())  # WandbLogger's wandb.init reads it
         start_wandb_run(trainer.logger)
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-    if last.exists():
-        print(f"resuming {stage} from {last}")
-    elif model.hparams.init_from:
-        warm_start(model, run_dir / "checkpoints" / f"{model.hparams.init_from}.ckpt")
+    return cli
+
+
+def fit_stage(cli, stage: str, run_dir: Path) -> Path:
+    """Train the stage `prepare_stage` made ready, resuming from its last.ckpt if there is one, and
+    write its final checkpoint."""
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    last = run_dir / "checkpoints" / stage / "last.ckpt"
     final = run_dir / "checkpoints" / f"{stage}.ckpt"
+    if trainer.is_global_zero:
+        write_atomically(run_dir / "config" / f"{stage}.yaml", cli.parser.dump(cli.config, skip_none=False))
     try:
         try:
             trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)

@@ -57,11 +57,16 @@ def test_bench_runs_the_parts_named_and_refuses_others(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
-@pytest.mark.parametrize("module, arguments", [("run", ["--minutes", "abc"]), ("ablate", ["--stage", "depth"]),
-                                               ("ablate", ["--init", "missing.ckpt"]), ("revisions", [])])
-def test_a_benchmark_usage_mistake_is_one_line(module, arguments):
+@pytest.mark.parametrize("module, arguments, names", [
+    ("run", ["--minutes", "abc"], "--minutes"), ("ablate", ["--stage", "depth"], "--stage"),
+    ("ablate", ["--init", "missing.ckpt"], "--init"), ("revisions", [], "revisions"),
+    ("ablate", ["--model", "{width: 64}"], "not JSON"), ("ablate", ["--model", "[64]"], "JSON object"),
+    ("ablate", ["--model", '{"widht": 64}'], "widht"), ("ablate", ["--model", '{"width": "abc"}'], "model.width"),
+    ("ablate", ["--model", '{"ordinal_init": "maybe"}'], "model.ordinal_init"),
+    ("ablate", ["--model", '{"bits": 4}'], "bits"), ("ablate", ["--model", '{"width": 30}'], "30")])
+def test_a_benchmark_usage_mistake_is_one_line(module, arguments, names):
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *arguments], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    assert f"python -m benchmarks.{module} --help" in lines[0]
+    assert f"python -m benchmarks.{module} --help" in lines[0] and names in lines[0]

@@ -77,7 +77,7 @@ def test_bad_arguments_are_one_line_and_exit_2(arguments, message, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert message in one_line_error(done.stderr)
-    assert not list(tmp_path.glob("checkpoints/**/*.ckpt")) and not (tmp_path / "samples").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["broken.yaml"]  # the run folder is left as it was
 
 
 def test_project_code_checks_with_exceptions_not_asserts():

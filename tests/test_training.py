@@ -234,6 +234,7 @@ def test_changed_settings_set_the_old_checkpoint_aside(tmp_path):
     assert list((tmp_path / "checkpoints" / "size_spn").glob("last.ckpt.set-aside-*"))
     model = STAGES["size_spn"].load_from_checkpoint(tmp_path / "checkpoints" / "size_spn.ckpt", weights_only=True)
     assert model.hparams.width == 24
+    assert yaml.safe_load((tmp_path / "config" / "size_spn.yaml").read_text())["model"]["width"] == 24  # ARGS kept
 
 
 def test_a_stage_with_init_from_starts_from_the_trained_decoder_only_when_it_starts_afresh(tmp_path):
@@ -247,6 +248,7 @@ def test_a_stage_with_init_from_starts_from_the_trained_decoder_only_when_it_sta
         f"error: the size_spn starts from the trained first_slice decoder (init_from: first_slice), but "
         f"{tmp_path / 'checkpoints' / 'first_slice.ckpt'} does not exist: train the first_slice first "
         f"(make train-all), or remove init_from")
+    assert not list(tmp_path.iterdir())  # refused: the run folder is as it was, no config or empty folder left
     assert run_pipeline(*run, "--stage", "first_slice", "--trainer.max_steps=4").returncode == 0
     fresh = run_pipeline(*start, "--trainer.max_steps=4", "--model.lr=0")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
@@ -259,6 +261,10 @@ def test_a_stage_with_init_from_starts_from_the_trained_decoder_only_when_it_sta
     resumed = run_pipeline(*start, "--trainer.max_steps=6", "--model.lr=0")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming size_spn" in resumed.stdout and "starts from" not in resumed.stdout
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    refused = run_pipeline(*start, "--model.width=abc")  # a stage with a past: a refused retry touches none of it
+    assert refused.returncode == 2 and 'Parser key "model.width"' in refused.stderr
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
 
 
 def test_ids_and_names_that_look_like_numbers_stay_strings(tmp_path, monkeypatch):
