@@ -246,9 +246,6 @@ def prepare_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, 
         finally:
             composed.unlink(missing_ok=True)
 
-    if config["trainer"]["logger"]["init_args"]["mode"] == "offline":
-        print(f"W&B is offline: runs are kept in {run_dir / 'wandb'}; upload them later with "
-              f"`wandb sync {run_dir / 'wandb'}/offline-run-*` (or `wandb login` first to log online)")
     checkpoint = ModelCheckpoint(dirpath=work, save_last=True, save_top_k=0,
                                  every_n_train_steps=experiment.get("checkpoint_every", 200))
     callbacks = [checkpoint, LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=batch_size, window_size=10),
@@ -274,6 +271,9 @@ def prepare_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, 
         os.environ["WANDB_INIT_TIMEOUT"] = str(wandb_init_timeout())  # WandbLogger's wandb.init reads it
         start_wandb_run(trainer.logger)
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    if config["trainer"]["logger"]["init_args"]["mode"] == "offline":  # said once the stage is sure to train
+        print(f"W&B is offline: runs are kept in {run_dir / 'wandb'}; upload them later with "
+              f"`wandb sync {run_dir / 'wandb'}/offline-run-*` (or `wandb login` first to log online)")
     return cli
 
 

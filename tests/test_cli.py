@@ -78,6 +78,7 @@ def test_bad_arguments_are_one_line_and_exit_2(arguments, message, tmp_path):
     assert done.returncode == 2
     assert message in one_line_error(done.stderr)
     assert [path.name for path in tmp_path.iterdir()] == ["broken.yaml"]  # the run folder is left as it was
+    assert "W&B is offline" not in done.stdout  # no news of a run that will not be
 
 
 def test_project_code_checks_with_exceptions_not_asserts():
