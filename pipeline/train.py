@@ -28,6 +28,7 @@ from data.datamodule import SubscaleDataModule
 from pipeline.callbacks import PlainProgress, SampleGrid, ValidationQuality
 from pipeline.checkpoints import AtomicCheckpointIO, load_stage, save_stage
 from pipeline.config import ConfigError, lightning_config, load_experiment, wandb_init_timeout
+from pipeline.io import atomic_write
 from pipeline.tracking import wandb_failure
 from stages import GEOMETRY, STAGES
 
@@ -188,13 +189,6 @@ def warm_start(model, source: Path) -> None:
     print(f"{model.stage}: starts from the {name} decoder of {source}")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.{os.getpid()}")
-    part.write_text(text)
-    os.replace(part, path)
-
-
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Train (or resume) one stage of experiment `exp` in `run_dir`; return the final checkpoint path.
     `overrides` are LightningCLI arguments. Raises ConfigError (a ValueError) for bad settings,
@@ -284,7 +278,7 @@ def fit_stage(cli, stage: str, run_dir: Path) -> Path:
     last = run_dir / "checkpoints" / stage / "last.ckpt"
     final = run_dir / "checkpoints" / f"{stage}.ckpt"
     if trainer.is_global_zero:
-        write_atomically(run_dir / "config" / f"{stage}.yaml", cli.parser.dump(cli.config, skip_none=False))
+        atomic_write(run_dir / "config" / f"{stage}.yaml", cli.parser.dump(cli.config, skip_none=False).encode())
     try:
         try:
             trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
