@@ -2,7 +2,6 @@
 target, W&B runs of the non-training commands, plain logs, the README's own code and tables."""
 import ast
 import json
-import glob
 import os
 import re
 import subprocess
@@ -12,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from google.protobuf.message import DecodeError
 
 from conftest import make_stages, save_cascade
 from pipeline.__main__ import main as cli
 from test_evaluate import experiment_file, images_file
-from wandb_records import history, run_info
+from wandb_records import finished_runs, history, run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
@@ -89,20 +87,9 @@ def test_project_code_checks_with_exceptions_not_asserts():
 
 
 def wandb_run(folder: Path, job: str = "sample"):
-    """The one offline run file of `job` in folder/wandb. W&B's service process writes these files; under
-    load a file can lack its run record for a moment after the command returned, so wait up to 20 s."""
-    paths = glob.glob(str(folder / "wandb" / "offline-run-*" / "run-*.wandb"))
-    deadline = time.monotonic() + 20
-
-    def read(path):
-        try:
-            return run_info(path)
-        except DecodeError:  # a record half written
-            return None
-
-    while (infos := [read(path) for path in paths]).count(None) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert None not in infos, [path for path, info in zip(paths, infos) if info is None]  # no run record
+    """The one offline run file of `job` in folder/wandb, once W&B's service has finished writing it."""
+    paths = finished_runs(folder)
+    infos = [run_info(path) for path in paths]
     files = [path for path, info in zip(paths, infos) if info.job_type == job]
     assert len(files) == 1, files
     return files[0]

@@ -1,5 +1,4 @@
 """Training each stage through the real entry point: fast_dev_run, W&B offline, resume, the Makefile."""
-import glob
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import yaml
 from pipeline.config import load_experiment, stage_names
 from pipeline.train import train_stage
 from stages import STAGES
-from wandb_records import history, records
+from wandb_records import finished_runs, history, records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +32,7 @@ def test_wandb_offline_run_has_metrics_config_and_sample_grid(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_MODE", "offline")
     train_stage("smoke", "size_spn", tmp_path, ["--trainer.max_steps=24"])
     assert "wandb sync" in capsys.readouterr().out  # tells how to upload later
-    run_file = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    run_file = finished_runs(tmp_path)
     assert len(run_file) == 1
     rows = list(history(run_file[0]))
     keys = set().union(*rows)
@@ -278,7 +277,7 @@ def test_ids_and_names_that_look_like_numbers_stay_strings(tmp_path, monkeypatch
     for _ in range(2):  # train, then train again in the same run folder
         train_stage(str(experiment), "first_slice", tmp_path / "run", ["--trainer.max_steps=2"])
         (tmp_path / "run" / "checkpoints" / "first_slice.ckpt").unlink()
-    run = next(r.run for r in records(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))[0])
+    run = next(r.run for r in records(finished_runs(tmp_path / "run")[0])
                if r.WhichOneof("record_type") == "run")
     assert (run.run_id, run.run_group) == ("6e360127", "6e360127")
 
@@ -368,6 +367,6 @@ def test_val_quality_logs_fid_and_kid_with_the_runs_feature_network(tmp_path, mo
     experiment.write_text((ROOT / "conf" / "experiments" / "smoke.yaml").read_text() + "val_quality: 8\n")
     train_stage(str(experiment), "size_spn", tmp_path / "run", ["--trainer.max_steps=10"])
     assert len(list((tmp_path / "run").glob("features-*.pt"))) == 1
-    run_file = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    run_file = finished_runs(tmp_path / "run")
     rows = [row for row in history(run_file[0]) if "val/fid" in row]
     assert len(rows) == 2 and all(row["val/fid"] >= 0 and "val/kid" in row for row in rows)  # steps 5 and 10
