@@ -10,7 +10,8 @@ three models side by side in one run:
 
 Each model first gets the same small learning-rate sweep: its configured rate times 0.5, 1, 2 and 4,
 each trained for a fifth of the minutes and scored on validation images; the best one trains for
-the full minutes, at every point (MINUTES, and a second, longer point in the full bench). The
+the full minutes, at every point (MINUTES, and a second, longer point in the full bench); a run
+given an earlier run's rates (`--lr-from`) skips the sweep and says whose rates it trained at. The
 cascade's and the transformer's stages train through the real command (`python -m pipeline
 train`) for as many steps as fit in their minutes at their measured speed (so that the
 learning-rate schedule completes), with Lightning's `max_time` as the hard limit and validation
@@ -145,11 +146,33 @@ def split_images(config: dict, split: str, count: int | None, path: Path) -> Pat
     return path
 
 
+def earlier_rates(path: Path, experiment: str) -> dict:
+    """The learning rates an earlier quality run chose (its results.json), with its sweep and where it
+    came from: {"lr", "sweep", "from": {"file", "command", "date", "machine", "val_images"}}.
+
+    Raises ValueError (one line) when the file is missing, not JSON, holds no quality run of every
+    model, or one of another experiment."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    quality = results.get("quality") if isinstance(results, dict) else None
+    if not isinstance(quality, dict) or not set(MODELS) <= set(quality.get("lr", {})) or "sweep" not in quality:
+        raise ValueError(f"{path} holds no learning rates of {', '.join(MODELS)}: give the results.json of an "
+                         f"earlier quality run (make bench, or python -m benchmarks.run --parts quality)")
+    if quality.get("experiment") != experiment:
+        raise ValueError(f"{path} is a run of {quality.get('experiment')!r}, not {experiment!r}")
+    return {"lr": {m: quality["lr"][m] for m in MODELS}, "sweep": quality["sweep"],
+            "from": {"file": str(path), "command": results.get("command"), "date": results.get("date"),
+                     "machine": results.get("machine", {}).get("cpu"), "val_images": quality.get("val_images")}}
+
+
 def run(experiment: str = "fashion_mnist", minutes: float = 15.0, test_images: int | None = None,
-        folder: Path = Path("bench/runs"), longer: float | None = None, val_images: int = 1000) -> dict:
+        folder: Path = Path("bench/runs"), longer: float | None = None, val_images: int = 1000,
+        rates: dict | None = None) -> dict:
     """The three models at `minutes` (and at `longer` minutes, when given), each at the best learning
-    rate of the sweep; the cascade of the first point stays in `folder/cascade` (the codec part
-    measures it)."""
+    rate of the sweep, or at `rates` (`earlier_rates`) without one; the cascade of the first point
+    stays in `folder/cascade` (the codec part measures it)."""
     config = load_experiment(experiment)
     folder.mkdir(parents=True, exist_ok=True)
     runs = {"cascade": ({**config, "checkpoint_every": 10**9, "val_quality": 0}, folder / "cascade.yaml"),
@@ -169,7 +192,9 @@ def run(experiment: str = "fashion_mnist", minutes: float = 15.0, test_images: i
     results = {"minutes": minutes, "experiment": experiment, "test_images": int(len(np.load(test)["images"])),
                "val_images": int(len(np.load(val)["images"])), "sweep": {}, "lr": {}, "points": []}
     pilot = max(minutes * PILOT, 0.1)
-    for name in MODELS:  # the same small sweep for every model, on validation images
+    if rates:  # an earlier run's sweep chose them
+        results.update(sweep=rates["sweep"], lr=rates["lr"], lr_from=rates["from"])
+    for name in MODELS if not rates else ():  # the same small sweep for every model, on validation images
         tried = {f"{factor:g}": fit(name, pilot, lrs[name] * factor, val, folder / f"sweep_{name}")["bpd"]
                  for factor in SWEEP}
         best = min(tried, key=tried.get)

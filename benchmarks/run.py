@@ -2,11 +2,14 @@
 bench/results.json and bench/results.md.
 
     python -m benchmarks.run [--quick] [--minutes 15] [--longer 40] [--smoke] [--parts quality,...] [--out bench]
+        [--lr-from bench/quality/results.json]
 
 --quick: reduced sizes and 1 minute of training per model (a few minutes in all);
 --smoke: seconds, on the `smoke` experiment, to keep the code working (CI runs it);
 --parts: only the parts named (memory, sampling, throughput, experiment64, quality, gpu), for
-example the quality comparison alone into another --out; the report leaves out the others.
+example the quality comparison alone into another --out; the report leaves out the others;
+--lr-from: the quality part trains at the learning rates an earlier run's sweep chose (its
+results.json), without a sweep of its own (a longer point alone, say).
 Parts: memory and time per training step against image size and S; sampling speed; the 64 x 64
 experiment's step and sampling costs (not in --smoke);
 quality at equal training minutes against a single full-image transformer and ordinary
@@ -92,8 +95,12 @@ def markdown(results: dict) -> str:
             out.append("Each slice's share of its bits/dim (bits per sub-pixel of the slice): " + ", ".join(
                 f"{row['stage']} {row['part']} k={row['k']} {row['bpd']:.3f} ({row['bits_per_subpixel']:.2f})"
                 for row in first["cascade"]["slices"]) + ".\n")
-        out.append(f"Learning-rate sweep: each rate trained {minutes_text(q['sweep']['cascade']['pilot_minutes'])}, "
-                   f"validation bits/dim on {q['val_images']} validation images:\n")
+        source = q.get("lr_from")
+        out.append((f"Learning rates from an earlier run's sweep, not swept again here (`{source['command']}`, "
+                    f"{source['date']}, {source['machine']}, `{source['file']}`): " if source else
+                    "Learning-rate sweep: ")
+                   + f"each rate trained {minutes_text(q['sweep']['cascade']['pilot_minutes'])}, "
+                   f"validation bits/dim on {(source or q)['val_images']} validation images:\n")
         out.append(table(["model", "base lr", *[f"x{f}" for f in q["sweep"]["cascade"]["val_bpd"]], "chosen lr"],
                          [[names[m], q["sweep"][m]["base_lr"], *q["sweep"][m]["val_bpd"].values(), q["lr"][m]]
                           for m in names]))
@@ -134,6 +141,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="training minutes per model (default 15, quick 1)")
     parser.add_argument("--longer", type=float, default=None,
                         help="the second, longer point of the quality comparison (default 40, quick 2; 0: none)")
+    parser.add_argument("--lr-from", default=None, metavar="RESULTS_JSON",
+                        help="train the quality part's models at the learning rates an earlier run's sweep chose "
+                             "(its results.json) instead of sweeping again")
     parser.add_argument("--exp", default="fashion_mnist")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"the parts to run, comma-separated (default all: {','.join(PARTS)}; codec follows quality)")
@@ -144,6 +154,15 @@ def main() -> None:
     if unknown or not parts:
         sys.exit(f"error: --parts {args.parts!r}: {'unknown ' + ', '.join(unknown) if unknown else 'none named'}; "
                  f"name some of {', '.join(PARTS)}")
+    experiment = "smoke" if args.smoke else args.exp
+    rates = None
+    if args.lr_from:
+        if "quality" not in parts:
+            parser.error("--lr-from: the learning rates are the quality part's; add quality to --parts")
+        try:
+            rates = quality.earlier_rates(Path(args.lr_from), experiment)
+        except ValueError as error:
+            parser.error(f"--lr-from: {error}")
     out = Path(args.out or ("bench/quick" if args.quick else "bench"))  # a quick try keeps the committed report
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -151,10 +170,11 @@ def main() -> None:
     command = "make bench" + (" QUICK=1" if args.quick else "") + (f" MINUTES={args.minutes:g}" if args.minutes else "")
     if args.smoke:
         command = "python -m benchmarks.run --smoke"
-    if len(parts) < len(PARTS):
+    if len(parts) < len(PARTS) or args.lr_from:  # options make bench does not pass
         command = f"python -m benchmarks.run --parts {','.join(parts)}" + (" --quick" if args.quick else "") + \
             (f" --minutes {args.minutes:g}" if args.minutes else "") + \
-            (f" --longer {args.longer:g}" if args.longer is not None else "") + (" --smoke" if args.smoke else "")
+            (f" --longer {args.longer:g}" if args.longer is not None else "") + (" --smoke" if args.smoke else "") + \
+            (f" --lr-from {args.lr_from}" if args.lr_from else "")
     results = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     # Memory first: each case forks this process, and a fork starts with this process's peak memory
     # as its own (ru_maxrss carries over), which the sampling benchmark's recomputed decoding raises.
@@ -165,7 +185,6 @@ def main() -> None:
     if "sampling" in parts:
         print("sampling ...", flush=True)
         results["sampling"] = sampling.run(args.quick, args.smoke)
-    experiment = "smoke" if args.smoke else args.exp
     if "throughput" in parts:
         print("training throughput ...", flush=True)
         results["throughput"] = throughput.run(experiment, args.quick, args.smoke)
@@ -181,7 +200,7 @@ def main() -> None:
         results["quality"] = quality.run(experiment, minutes,
                                          test_images=64 if args.smoke else 1000 if args.quick else None,
                                          folder=out / "runs", longer=longer or None,
-                                         val_images=32 if args.smoke else 256 if args.quick else 1000)
+                                         val_images=32 if args.smoke else 256 if args.quick else 1000, rates=rates)
         print("the cascade as a codec ...", flush=True)
         runs = out / "runs"
         results["codec"] = codec.run(runs / "cascade.yaml", runs / "cascade", runs / "test_images.npz",

@@ -31,6 +31,18 @@ def test_bench_smoke_writes_both_result_files(tmp_path):
     assert "## Quality at equal compute" in (tmp_path / "results.md").read_text()
     assert "## The cascade as a codec" in (tmp_path / "results.md").read_text()
 
+    # a longer point alone, at the rates an earlier run's sweep chose (here: rates that no sweep tries)
+    results["quality"]["lr"] = {"cascade": 1.25e-3, "single_transformer": 2.5e-3, "pixelcnnpp": 5e-4}
+    (tmp_path / "earlier.json").write_text(json.dumps(results))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--parts", "quality", "--lr-from",
+                           str(tmp_path / "earlier.json"), "--out", str(tmp_path / "again")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["quality"]
+    assert again["lr"] == results["quality"]["lr"] and again["sweep"] == results["quality"]["sweep"]
+    assert again["lr_from"]["file"] == str(tmp_path / "earlier.json")
+    assert "not swept again here" in (tmp_path / "again" / "results.md").read_text()
+
 
 def test_gpu_script_runs_on_the_cpu(tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--smoke", "--out", str(tmp_path / "gpu.json")],
@@ -58,7 +70,9 @@ def test_bench_runs_the_parts_named_and_refuses_others(tmp_path):
 
 
 @pytest.mark.parametrize("module, arguments, names", [
-    ("run", ["--minutes", "abc"], "--minutes"), ("ablate", ["--stage", "depth"], "--stage"),
+    ("run", ["--minutes", "abc"], "--minutes"), ("run", ["--parts", "quality", "--lr-from", "missing.json"], "missing.json"),
+    ("run", ["--lr-from", "bench/quality/results.json", "--parts", "memory"], "--lr-from"),
+    ("ablate", ["--stage", "depth"], "--stage"),
     ("ablate", ["--init", "missing.ckpt"], "--init"), ("revisions", [], "revisions"),
     ("ablate", ["--model", "{width: 64}"], "not JSON"), ("ablate", ["--model", "[64]"], "JSON object"),
     ("ablate", ["--model", '{"widht": 64}'], "widht"), ("ablate", ["--model", '{"width": "abc"}'], "model.width"),
