@@ -13,10 +13,11 @@ each trained for a fifth of the minutes and scored on validation images; the bes
 the full minutes, at every point (MINUTES, and a second, longer point in the full bench); a run
 given an earlier run's rates (`--lr-from`) skips the sweep and says whose rates it trained at. The
 cascade's and the transformer's stages train through the real command (`python -m pipeline
-train`) for as many steps as fit in their minutes at their measured speed (so that the
-learning-rate schedule completes), with Lightning's `max_time` as the hard limit and validation
-only at the end; they are scored by `python -m pipeline evaluate` on the same test images, which
-also reports PNG, lossless WebP and JPEG-XL, one image per file and as one mosaic.
+train`) for exactly their minutes of the training loop (Lightning's `max_time`, which their
+learning-rate schedule anneals by, however fast the machine runs that hour), without validation,
+as PixelCNN++ trains for its minutes from its first step; they are scored by `python -m pipeline
+evaluate` on the same test images, which also reports PNG, lossless WebP and JPEG-XL, one image
+per file and as one mosaic.
 """
 from __future__ import annotations
 
@@ -54,32 +55,38 @@ def transformer_experiment(config: dict) -> dict:
 
 
 def clock(seconds: float) -> str:
-    """Lightning's max_time as DD:HH:MM:SS."""
-    s = int(seconds)
+    """Lightning's max_time as DD:HH:MM:SS (at least a second)."""
+    s = max(int(seconds), 1)
     return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 SWEEP = (0.5, 1.0, 2.0, 4.0)  # learning-rate factors every model is tried at
-SPEED_STEPS = 20  # timed training steps that fix a stage's steps for its minutes
+SPEED_STEPS = 20  # timed training steps that divide the minutes among stages and set their warm-up
 PILOT = 0.2  # the share of the minutes each try of the sweep trains
+CEILING = 2  # max_steps over the steps the measured speed fits: max_time, not max_steps, ends a stage
 PIXELCNNPP = dict(filters=32, blocks=1, mixtures=10, lr=1e-3, batch=32)
 MODELS = ("cascade", "single_transformer", "pixelcnnpp")
 
 
 def train(experiment_file: Path, run_dir: Path, seconds_per_step: dict, budget: dict, name: str,
           overrides: tuple = ()) -> dict:
-    """Train every stage of the experiment for its budget (seconds); return steps and minutes."""
+    """Train every stage of the experiment for its budget (seconds) of Lightning's training loop
+    (`max_time`, which the stage's learning-rate schedule ends at); the steps its measured speed
+    fits in the budget set the warm-up and, CEILING times over, `max_steps`. Returns, per stage, the
+    steps trained and planned and the minutes with the process's start."""
     report = {}
     for stage, seconds in budget.items():
-        steps = max(int(seconds / seconds_per_step[stage]), 4)
+        planned = max(int(seconds / seconds_per_step[stage]), 4)
+        ceiling = CEILING * planned
         start = time.perf_counter()
-        warmup = min(200, steps // 5)
         pipeline("train", "--exp", str(experiment_file), "--run-dir", str(run_dir), "--stage", stage,
-                 f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
-                 f"--trainer.max_time={clock(seconds * 1.15 + 5)}", f"--model.warmup_steps={warmup}", *overrides)
-        report[stage] = {"steps": steps, "measured_step_s": seconds_per_step[stage],
-                         "minutes_with_start_and_final_validation": (time.perf_counter() - start) / 60}
-        print(f"  quality: {name} {stage}: {steps} steps, {report[stage]}", flush=True)
+                 f"--trainer.max_steps={ceiling}", f"--trainer.val_check_interval={ceiling}",
+                 f"--trainer.max_time={clock(seconds)}", f"--model.warmup_steps={min(200, planned // 5)}", *overrides)
+        trained = torch.load(run_dir / "checkpoints" / f"{stage}.ckpt", map_location="cpu", weights_only=True)
+        report[stage] = {"steps": trained["global_step"], "planned_steps": planned,
+                         "measured_step_s": seconds_per_step[stage],
+                         "minutes_with_start": (time.perf_counter() - start) / 60}
+        print(f"  quality: {name} {stage}: {report[stage]}", flush=True)
     return report
 
 
@@ -93,8 +100,9 @@ def train_cascade(spec: dict, path: Path, run_dir: Path, minutes: float, lr: flo
                   name: str, compress: bool) -> dict:
     """Train a cascade (or the single transformer) for `minutes` at learning rate `lr` (every stage),
     then score `images` (and, with `compress`, compress them): {"bpd", "stages", "training",
-    "compressed_bpd", "codecs"}. Each stage's steps are its minutes at its speed, measured right before
-    (a machine shared with other guests changes speed over hours)."""
+    "compressed_bpd", "codecs"}. The minutes are divided among the stages as their configured steps at
+    their speed, measured right before, divide them; each stage then trains for its minutes (`train`),
+    since a machine shared with other guests can change speed within the hour."""
     speeds = {row["stage"]: row["step_s"] for row in measure_stages(str(path), steps=SPEED_STEPS)}
     configured = {stage: spec["stages"][stage].get("trainer", {}).get("max_steps", 1000) * speeds[stage]
                   for stage in stage_names(spec)}

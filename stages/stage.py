@@ -15,6 +15,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 import torch.nn.functional as F
 from einops import rearrange
 from torchmetrics import MeanMetric
@@ -50,8 +51,10 @@ class SubscaleStage(L.LightningModule):
     bits/dim). Geometry: image_size (H or [H, W]), channels C, bits n, high_bits b, subscale S;
     `ordinal_init`: the decoder's value embedding and output head start smooth in the value
     (`stages.networks.ordinal_rows`); `init_from`: the earlier stage whose trained decoder this one
-    starts from (`start_from`; training does it when the stage starts afresh). Raises ValueError for
-    settings that do not fit together or do not suit the stage."""
+    starts from (`start_from`; training does it when the stage starts afresh). The learning rate warms
+    up linearly for `warmup_steps`, then decays on a cosine to 0 at `max_steps`, or at the trainer's
+    `max_time` when that comes first. Raises ValueError for settings that do not fit together or do
+    not suit the stage."""
 
     stage = ""  # name of the stage: its checkpoint file and W&B job_type
 
@@ -97,6 +100,7 @@ class SubscaleStage(L.LightningModule):
             layers=layers, heads=heads, context_width=context_width if context else 0, dropout=dropout,
             ordinal_init=ordinal_init))
         self.val_nll = MeanMetric()
+        self.time_used = 0.0  # the share of the trainer's max_time spent so far (0 without one)
         self.slice_ids = torch.tensor(self.modelled_slices())  # on the CPU, like the estimator's generator
         # before[k, j] = 1 where slice j of the modelled part is drawn before its slice k (`stages.plan`)
         self.before = torch.zeros(subscale**2, subscale**2)
@@ -233,6 +237,14 @@ class SubscaleStage(L.LightningModule):
             raise self.diverged(f"the validation NLL is {nll.item()}")
         self.log("val/bpd", bits_per_dim(nll, self.dims), prog_bar=True)
 
+    def on_train_batch_start(self, batch, batch_idx):
+        """With --trainer.max_time, note the share of it spent (rank 0's clock, so that every process
+        steps at the same learning rate); the schedule ends at whichever of max_steps and max_time is first."""
+        timer = next((callback for callback in self.trainer.callbacks if isinstance(callback, Timer)), None)
+        if timer is not None and timer.time_remaining() is not None:
+            elapsed = timer.time_elapsed()
+            self.time_used = self.trainer.strategy.broadcast(elapsed / max(elapsed + timer.time_remaining(), 1e-9))
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if not torch.stack([p.isfinite().all() for p in self.parameters()]).all():  # before any checkpoint sees them
@@ -253,10 +265,10 @@ class SubscaleStage(L.LightningModule):
                                        {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=(0.9, 0.95))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
 
-        def schedule(step: int) -> float:  # linear warmup, then cosine decay to 0
+        def schedule(step: int) -> float:  # linear warmup, then cosine decay to 0 by max_steps or max_time
             if step < hp.warmup_steps:
                 return (step + 1) / hp.warmup_steps
-            progress = min((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), 1.0)
+            progress = min(max((step - hp.warmup_steps) / max(total - hp.warmup_steps, 1), self.time_used), 1.0)
             return 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.quality import SWEEP
+from benchmarks.quality import CEILING, SWEEP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,9 @@ def test_bench_smoke_writes_both_result_files(tmp_path):
     assert {"minutes", "cascade_bpd", "single_transformer_bpd", "pixelcnnpp_bpd", "codecs"} <= set(results["quality"])
     assert set(results["quality"]["sweep"]) == {"cascade", "single_transformer", "pixelcnnpp"}  # the same sweep for each
     assert all(len(sweep["val_bpd"]) == len(SWEEP) for sweep in results["quality"]["sweep"].values())
+    # the steps each stage trained in its minutes, read from its checkpoint, beside the steps planned
+    training = results["quality"]["cascade"]["training"].values()
+    assert all(0 < row["steps"] <= CEILING * row["planned_steps"] for row in training)
     assert results["sampling"]["decoder"]["agree"]
     assert results["codec"]["identical"]
     assert "## Quality at equal compute" in (tmp_path / "results.md").read_text()

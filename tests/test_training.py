@@ -7,11 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 import yaml
+from torch.utils.data import DataLoader
 
+from conftest import make_stages
 from pipeline.config import load_experiment, stage_names
 from pipeline.train import train_stage
 from stages import STAGES
@@ -370,3 +373,18 @@ def test_val_quality_logs_fid_and_kid_with_the_runs_feature_network(tmp_path, mo
     run_file = finished_runs(tmp_path / "run")
     rows = [row for row in history(run_file[0]) if "val/fid" in row]
     assert len(rows) == 2 and all(row["val/fid"] >= 0 and "val/kid" in row for row in rows)  # steps 5 and 10
+
+
+def test_the_learning_rate_anneals_by_max_time_when_that_comes_first():
+    """A stage given --trainer.max_time decays its learning rate to 0 by then, not on the way to a
+    max_steps it never reaches (the quality bench trains each model for its minutes this way)."""
+    stage = make_stages(image_size=8, channels=1, bits=4, high_bits=4, subscale=2)["first_slice"].train()
+    stage.hparams.warmup_steps = 2
+    x = torch.randint(0, 16, (64, 8, 8, 1))
+    batches = [{"image": x[i:i + 8], "msb": x[i:i + 8], "lsb": torch.zeros_like(x[i:i + 8])} for i in range(0, 64, 8)]
+    trainer = L.Trainer(max_steps=10**6, max_time={"seconds": 3}, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(stage, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert stage.hparams.warmup_steps < trainer.global_step < 10**6  # max_time ended it
+    # near the cosine's end (the last step starts late in the 3 s even on a loaded machine); by steps: the full rate
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 0.2 * stage.hparams.lr
