@@ -15,9 +15,9 @@ import math
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
 import torch.nn.functional as F
 from einops import rearrange
+from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 
 from data.transforms import check_settings, from_sequence, to_sequence, to_slices
