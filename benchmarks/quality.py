@@ -14,8 +14,8 @@ the full minutes, at every point (MINUTES, and a second, longer point in the ful
 given an earlier run's rates (`--lr-from`) skips the sweep and says whose rates it trained at. The
 cascade's and the transformer's stages train through the real command (`python -m pipeline
 train`) for exactly their minutes of the training loop (Lightning's `max_time`, which their
-learning-rate schedule anneals by, however fast the machine runs that hour), without validation,
-as PixelCNN++ trains for its minutes from its first step; they are scored by `python -m pipeline
+learning-rate schedule anneals by, however fast the machine runs that hour), validated once after
+them, as PixelCNN++ trains for its minutes from its first step; they are scored by `python -m pipeline
 evaluate` on the same test images, which also reports PNG, lossless WebP and JPEG-XL, one image
 per file and as one mosaic.
 """
@@ -73,7 +73,7 @@ def train(experiment_file: Path, run_dir: Path, seconds_per_step: dict, budget: 
     """Train every stage of the experiment for its budget (seconds) of Lightning's training loop
     (`max_time`, which the stage's learning-rate schedule ends at); the steps its measured speed
     fits in the budget set the warm-up and, CEILING times over, `max_steps`. Returns, per stage, the
-    steps trained and planned and the minutes with the process's start."""
+    steps trained and planned and the minutes with the process's start and the final validation."""
     report = {}
     for stage, seconds in budget.items():
         planned = max(int(seconds / seconds_per_step[stage]), 4)
@@ -85,7 +85,7 @@ def train(experiment_file: Path, run_dir: Path, seconds_per_step: dict, budget: 
         trained = torch.load(run_dir / "checkpoints" / f"{stage}.ckpt", map_location="cpu", weights_only=True)
         report[stage] = {"steps": trained["global_step"], "planned_steps": planned,
                          "measured_step_s": seconds_per_step[stage],
-                         "minutes_with_start": (time.perf_counter() - start) / 60}
+                         "minutes_with_start_and_final_validation": (time.perf_counter() - start) / 60}
         print(f"  quality: {name} {stage}: {report[stage]}", flush=True)
     return report
 
@@ -159,7 +159,7 @@ def earlier_rates(path: Path, experiment: str) -> dict:
     came from: {"lr", "sweep", "from": {"file", "command", "date", "machine", "val_images"}}.
 
     Raises ValueError (one line) when the file is missing, not JSON, holds no quality run of every
-    model, or one of another experiment."""
+    model, one of another experiment, or a rate that is not a positive number."""
     try:
         results = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
@@ -170,9 +170,15 @@ def earlier_rates(path: Path, experiment: str) -> dict:
                          f"earlier quality run (make bench, or python -m benchmarks.run --parts quality)")
     if quality.get("experiment") != experiment:
         raise ValueError(f"{path} is a run of {quality.get('experiment')!r}, not {experiment!r}")
-    return {"lr": {m: quality["lr"][m] for m in MODELS}, "sweep": quality["sweep"],
+    bad = [m for m in MODELS if isinstance(quality["lr"][m], bool) or not isinstance(quality["lr"][m], (int, float))
+           or not quality["lr"][m] > 0]
+    if bad:
+        raise ValueError(f"{path}: the learning rate of {', '.join(bad)} is not a positive number")
+    machine = results.get("machine")
+    return {"lr": {m: float(quality["lr"][m]) for m in MODELS}, "sweep": quality["sweep"],
             "from": {"file": str(path), "command": results.get("command"), "date": results.get("date"),
-                     "machine": results.get("machine", {}).get("cpu"), "val_images": quality.get("val_images")}}
+                     "machine": machine.get("cpu") if isinstance(machine, dict) else None,
+                     "val_images": quality.get("val_images")}}
 
 
 def run(experiment: str = "fashion_mnist", minutes: float = 15.0, test_images: int | None = None,

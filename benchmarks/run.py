@@ -86,6 +86,12 @@ def markdown(results: dict) -> str:
         out.append(table(["model", *[f"{p['minutes']:g} min" for p in q["points"]]], rows))
         out.append("\nA lead of at least 0.10 bits/dim over PixelCNN++: " + ", ".join(
             f"{'yes' if p['cascade_lead'] >= 0.10 else 'no'} at {minutes_text(p['minutes'])}" for p in q["points"]) + ".\n")
+        for p in q["points"]:  # the steps each model trained in its minutes
+            trained = [f"{names[m]}: " + ", ".join(
+                f"{stage} {row['steps']}" + (f" of {row['planned_steps']} planned" if "planned_steps" in row else "")
+                for stage, row in p[m]["training"].items()) for m in ("cascade", "single_transformer")]
+            out.append(f"\nSteps trained in {minutes_text(p['minutes'])}: " + "; ".join(trained)
+                       + f"; PixelCNN++: {p['pixelcnnpp']['steps']}.")
         first = q["points"][0]
         out.append(f"\nThe cascade's stages at {minutes_text(first['minutes'])}: "
                    + ", ".join(f"{k} {v:.3f}" for k, v in first["cascade"]["stages"].items())

@@ -53,7 +53,8 @@ class SubscaleStage(L.LightningModule):
     (`stages.networks.ordinal_rows`); `init_from`: the earlier stage whose trained decoder this one
     starts from (`start_from`; training does it when the stage starts afresh). The learning rate warms
     up linearly for `warmup_steps`, then decays on a cosine to 0 at `max_steps`, or at the trainer's
-    `max_time` when that comes first. Raises ValueError for settings that do not fit together or do
+    `max_time` when that comes first (the share of max_time spent counts from the start, warm-up
+    included). Raises ValueError for settings that do not fit together or do
     not suit the stage."""
 
     stage = ""  # name of the stage: its checkpoint file and W&B job_type
@@ -236,6 +237,9 @@ class SubscaleStage(L.LightningModule):
         if not torch.isfinite(nll):
             raise self.diverged(f"the validation NLL is {nll.item()}")
         self.log("val/bpd", bits_per_dim(nll, self.dims), prog_bar=True)
+
+    def on_train_start(self):
+        self.time_used = 0.0  # until the first batch reads the Timer (a fit without max_time keeps 0)
 
     def on_train_batch_start(self, batch, batch_idx):
         """With --trainer.max_time, note the share of it spent (rank 0's clock, so that every process

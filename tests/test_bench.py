@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.quality import CEILING, SWEEP
+from benchmarks.quality import CEILING, SWEEP, earlier_rates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +45,7 @@ def test_bench_smoke_writes_both_result_files(tmp_path):
     assert again["lr"] == results["quality"]["lr"] and again["sweep"] == results["quality"]["sweep"]
     assert again["lr_from"]["file"] == str(tmp_path / "earlier.json")
     assert "not swept again here" in (tmp_path / "again" / "results.md").read_text()
+    assert "Steps trained in 0.1 minutes: cascade" in (tmp_path / "again" / "results.md").read_text()
 
 
 def test_gpu_script_runs_on_the_cpu(tmp_path):
@@ -73,7 +74,8 @@ def test_bench_runs_the_parts_named_and_refuses_others(tmp_path):
 
 
 @pytest.mark.parametrize("module, arguments, names", [
-    ("run", ["--minutes", "abc"], "--minutes"), ("run", ["--parts", "quality", "--lr-from", "missing.json"], "missing.json"),
+    ("run", ["--minutes", "abc"], "--minutes"),
+    ("run", ["--parts", "quality", "--lr-from", "missing.json"], "missing.json"),
     ("run", ["--lr-from", "bench/quality/results.json", "--parts", "memory"], "--lr-from"),
     ("ablate", ["--stage", "depth"], "--stage"),
     ("ablate", ["--init", "missing.ckpt"], "--init"), ("revisions", [], "revisions"),
@@ -87,3 +89,14 @@ def test_a_benchmark_usage_mistake_is_one_line(module, arguments, names):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert f"python -m benchmarks.{module} --help" in lines[0] and names in lines[0]
+
+
+def test_an_earlier_runs_rates_are_used_only_when_each_model_has_a_positive_one(tmp_path):
+    rates = {"cascade": 1e-3, "single_transformer": 2e-3, "pixelcnnpp": 5e-4}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"machine": "not a dict", "quality": {"experiment": "smoke", "lr": rates, "sweep": {}}}))
+    assert earlier_rates(path, "smoke")["lr"] == rates and earlier_rates(path, "smoke")["from"]["machine"] is None
+    for lr in (None, -1e-3, 0, "abc", True):
+        path.write_text(json.dumps({"quality": {"experiment": "smoke", "lr": {**rates, "pixelcnnpp": lr}, "sweep": {}}}))
+        with pytest.raises(ValueError, match="pixelcnnpp is not a positive number"):
+            earlier_rates(path, "smoke")

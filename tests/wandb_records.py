@@ -59,6 +59,8 @@ def run_info(path):
 
 def finished(path) -> bool:
     """Whether the run file holds the run's exit record (written by `wandb.finish()`), all readable."""
+    if len(open(path, "rb").read(HEADER)) < HEADER:  # the service has not written the header yet
+        return False
     try:
         return any(record.WhichOneof("record_type") == "exit" for record in records(path))
     except DecodeError:  # a record half written
@@ -67,10 +69,12 @@ def finished(path) -> bool:
 
 def finished_runs(folder, timeout: float = 60) -> list[str]:
     """The offline run files under folder/wandb, once each is finished (waiting up to `timeout` s);
-    fails the test naming the files that are not."""
-    paths = sorted(glob.glob(str(Path(folder) / "wandb" / "offline-run-*" / "run-*.wandb")))
+    fails the test naming the files that are not. Raises AssertionError for a file that is not a W&B
+    run file."""
+    pattern = str(Path(folder) / "wandb" / "offline-run-*" / "run-*.wandb")
     deadline = time.monotonic() + timeout
-    while (waiting := [path for path in paths if not finished(path)]) and time.monotonic() < deadline:
+    while (waiting := [path for path in glob.glob(pattern) if not finished(path)]) and time.monotonic() < deadline:
         time.sleep(0.5)
+    paths = sorted(glob.glob(pattern))
     assert not waiting, f"W&B run files without their exit record after {timeout} s: {waiting}"
     return paths
