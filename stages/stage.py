@@ -54,8 +54,7 @@ class SubscaleStage(L.LightningModule):
     starts from (`start_from`; training does it when the stage starts afresh). The learning rate warms
     up linearly for `warmup_steps`, then decays on a cosine to 0 at `max_steps`, or at the trainer's
     `max_time` when that comes first (the share of max_time spent counts from the start, warm-up
-    included). Raises ValueError for settings that do not fit together or do
-    not suit the stage."""
+    included). Raises ValueError for settings that do not fit together or do not suit the stage."""
 
     stage = ""  # name of the stage: its checkpoint file and W&B job_type
 
