@@ -99,8 +99,9 @@ def base_lr(spec: dict) -> float:
 def train_cascade(spec: dict, path: Path, run_dir: Path, minutes: float, lr: float, images: Path,
                   name: str, compress: bool) -> dict:
     """Train a cascade (or the single transformer) for `minutes` at learning rate `lr` (every stage),
-    then score `images` (and, with `compress`, compress them): {"bpd", "stages", "training",
-    "compressed_bpd", "codecs"}. The minutes are divided among the stages as their configured steps at
+    then score `images` (and, with `compress`, compress them and measure the ordinary codecs on them, which
+    take minutes at their highest effort: once per bench): {"bpd", "stages", "training", "compressed_bpd",
+    "codecs"}. The minutes are divided among the stages as their configured steps at
     their speed, measured right before, divide them; each stage then trains for its minutes (`train`),
     since a machine shared with other guests can change speed within the hour."""
     speeds = {row["stage"]: row["step_s"] for row in measure_stages(str(path), steps=SPEED_STEPS)}
@@ -109,7 +110,7 @@ def train_cascade(spec: dict, path: Path, run_dir: Path, minutes: float, lr: flo
     budget = {stage: 60 * minutes * share / sum(configured.values()) for stage, share in configured.items()}
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     training = train(path, run_dir, speeds, budget, name, (f"--model.lr={lr}",))
-    extra = [] if compress else ["--skip-compress"]
+    extra = [] if compress else ["--skip-compress", "--skip-codecs"]  # the same images: measured once
     pipeline("evaluate", "--exp", str(path), "--run-dir", str(run_dir), "--images", str(images), *extra)
     report = json.loads((run_dir / "eval.json").read_text())
     return {"bpd": report["bpd"], "stages": report["stages"], "slices": report["slices"], "training": training,

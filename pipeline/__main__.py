@@ -67,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", default=None, help=".npz with 'images', or a folder of images")
     evaluate.add_argument("--batch", type=positive_int, default=250)
     evaluate.add_argument("--skip-compress", action="store_true", help="leave out the real compressed size")
+    evaluate.add_argument("--skip-codecs", action="store_true", help="leave out PNG, WebP and JPEG-XL")
     return p
 
 

@@ -160,3 +160,18 @@ def test_evaluate_keeps_the_images_once_as_uint8(tmp_path, monkeypatch):
     assert given[0].dtype == torch.uint8 and given[0].shape == (6, 8, 8, 1)
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert report["compressed_bpd"] > 0 and set(report["codecs"]) >= {"png", "png_mosaic"}
+
+
+def test_evaluate_skip_codecs_leaves_out_only_the_ordinary_codecs(tmp_path):
+    """--skip-codecs (the bench's every model but one: the same images) gives the same bits/dim and no
+    PNG/WebP/JPEG-XL sizes."""
+    geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
+    save_cascade(make_stages(**geometry), tmp_path / "run")
+    args = ["evaluate", "--exp", str(experiment_file(tmp_path, geometry)), "--run-dir", str(tmp_path / "run"),
+            "--images", str(images_file(tmp_path, geometry)), "--batch", "4", "--skip-compress"]
+    reports = []
+    for extra in ([], ["--skip-codecs"]):
+        assert cli(args + extra) == 0
+        reports.append(json.loads((tmp_path / "run" / "eval.json").read_text()))
+    assert set(reports[0]["codecs"]) >= {"png", "webp", "png_mosaic"} and reports[1]["codecs"] == {}
+    assert reports[1]["bpd"] == reports[0]["bpd"] and reports[1]["slices"] == reports[0]["slices"]

@@ -7,7 +7,7 @@ Writes `$(RUN_DIR)/eval.json`:
      "slices": [{"stage", "part", "k", "bpd" (its share of the image's bits/dim),
                  "bits_per_subpixel" (bits per sub-pixel of that slice)}, in the cascade's order],
      "compressed_bpd" (the real file of `make compress`, header included),
-     "codecs": {png, webp, jxl, png_mosaic, webp_mosaic, jxl_mosaic},
+     "codecs": {png, webp, jxl, png_mosaic, webp_mosaic, jxl_mosaic} ({} with --skip-codecs),
      "nll": [nats per image] (with IMAGES only)}
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(args) -> None:
     nats = {name: 0.0 for name in cascade.stages}
     slice_nats = {step: 0.0 for step in cascade.plan()}
     per_image, stored = [], []
-    codecs = CodecSizes()
+    codecs = None if args.skip_codecs else CodecSizes()
     bar = progress_bar(desc=f"evaluating {split}", unit="image")
     for x in batches(args, experiment, cascade):
         slices = cascade.slice_log_prob(x)
@@ -75,7 +75,8 @@ def main(args) -> None:
             nats[name] -= float(lp.double().sum())
         per_image.append(-sum(lp.double() for lp in log_prob.values()).cpu())
         stored.append(x.to(torch.uint8))  # the n-bit values the model scores, as 8-bit numbers
-        codecs.add(stored[-1].numpy())
+        if codecs is not None:
+            codecs.add(stored[-1].numpy())
         bar.update(len(x))
     bar.close()
     if not stored:
@@ -97,7 +98,7 @@ def main(args) -> None:
         "split": split,
         "slices": slices,
         "compressed_bpd": None if compressed is None else 8 * len(compressed) / dims,
-        "codecs": codecs.bits_per_dim(images.numpy()),
+        "codecs": codecs.bits_per_dim(images.numpy()) if codecs is not None else {},
     }
     if args.images:
         result["nll"] = torch.cat(per_image).tolist()  # nats per image, in the order given
