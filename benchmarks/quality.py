@@ -16,8 +16,8 @@ cascade's and the transformer's stages train through the real command (`python -
 train`) for exactly their minutes of the training loop (Lightning's `max_time`, which their
 learning-rate schedule anneals by, however fast the machine runs that hour), validated once after
 them, as PixelCNN++ trains for its minutes from its first step; they are scored by `python -m pipeline
-evaluate` on the same test images, which also reports PNG, lossless WebP and JPEG-XL, one image
-per file and as one mosaic.
+evaluate` on the same test images; the first point's cascade also reports PNG, lossless WebP and
+JPEG-XL on them, one image per file and as one mosaic (measured once: the same images).
 """
 from __future__ import annotations
 
