@@ -254,9 +254,12 @@ class SubscaleStage(L.LightningModule):
             raise self.diverged("the weights hold NaN or infinity")
 
     def diverged(self, what: str) -> TrainingDiverged:
-        """The one-line error that stops a diverging run, naming the step and the learning rate."""
-        lr = self._trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else float("nan")
-        return TrainingDiverged(f"{self.stage} diverged at step {self.global_step} (learning rate {lr:.3g}): {what}; "
+        """The one-line error that stops a diverging run, naming the step, the learning rate the run was
+        given (`lr`, what --model.lr sets) and the rate its schedule had reached at that step. The step at
+        which a too-high rate first overflows depends on the CPU's float kernels; the given rate does not."""
+        now = self._trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else float("nan")
+        return TrainingDiverged(f"{self.stage} diverged at step {self.global_step} (learning rate {self.hparams.lr:.3g}, "
+                                f"{now:.3g} at that step of its schedule): {what}; "
                                 f"no checkpoint holds that: lower the learning rate (ARGS=\"--model.lr=...\") "
                                 f"and make the target again")
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -209,6 +210,21 @@ def test_make_train_all_sample_evaluate_end_to_end(tmp_path):
     assert (run_dir / "upscale" / "samples.npz").read_bytes() == before
 
 
+def test_the_divergence_error_names_the_given_learning_rate_at_any_step():
+    # where a too-high rate first overflows (step 2 at the full rate, step 4 partway down the cosine)
+    # depends on the CPU's float kernels: the error names the rate --model.lr gave, whichever step it is
+    stage = make_stages()["size_spn"]
+    stage.hparams.lr = 1e3
+    for step, scheduled in [(2, 1e3), (4, 987.5)]:
+        stage._trainer = SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[{"lr": scheduled}])],
+                                         global_step=step)
+        error = str(stage.diverged("the weights hold NaN or infinity"))
+        assert error.startswith(f"size_spn diverged at step {step} (learning rate 1e+03, ")
+        assert f"{scheduled:.3g} at that step" in error and "\n" not in error
+    stage._trainer = None
+
+
+@pytest.mark.float_paths  # the step at which the rate overflows differs between CPU kernels
 def test_diverging_training_stops_with_one_line_and_no_bad_checkpoint(tmp_path):
     args = ["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "size_spn"]
     diverged = run_pipeline(*args, "--model.lr=1e3", "--trainer.max_steps=30")
