@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--log", default="bench/ablations.jsonl")
     args = parser.parse_args()
+    if not args.lr >= 0:
+        parser.error(f"--lr {args.lr}: the learning rate is a number of 0 or more, such as 2e-3")
     if args.init and args.stage == ORDER[0]:
         parser.error(f"--init: the {ORDER[0]} is the first stage and starts from none")
     if args.init and not Path(args.init).is_file():

@@ -83,6 +83,8 @@ class SubscaleStage(L.LightningModule):
         self.save_hyperparameters()
         self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else image_size
         check_settings(bits, high_bits, subscale, self.height, self.width)
+        if not lr >= 0:  # 0 is allowed: the weights stay as they start (tests use it)
+            raise ValueError(f"lr={lr}: the learning rate is a number of 0 or more, such as 4e-3")
         earlier = plan.ORDER[: plan.ORDER.index(self.stage)] if self.stage in plan.ORDER else ()
         if init_from is not None and init_from not in earlier:
             raise ValueError(f"init_from={init_from!r}: the {self.stage} can start from the decoder of an earlier stage "

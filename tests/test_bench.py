@@ -82,7 +82,8 @@ def test_bench_runs_the_parts_named_and_refuses_others(tmp_path):
     ("ablate", ["--model", "{width: 64}"], "not JSON"), ("ablate", ["--model", "[64]"], "JSON object"),
     ("ablate", ["--model", '{"widht": 64}'], "widht"), ("ablate", ["--model", '{"width": "abc"}'], "model.width"),
     ("ablate", ["--model", '{"ordinal_init": "maybe"}'], "model.ordinal_init"),
-    ("ablate", ["--model", '{"bits": 4}'], "bits"), ("ablate", ["--model", '{"width": 30}'], "30")])
+    ("ablate", ["--model", '{"bits": 4}'], "bits"), ("ablate", ["--model", '{"width": 30}'], "30"),
+    ("ablate", ["--lr", "-1"], "--lr -1.0")])
 def test_a_benchmark_usage_mistake_is_one_line(module, arguments, names):
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *arguments], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

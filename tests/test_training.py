@@ -210,6 +210,14 @@ def test_make_train_all_sample_evaluate_end_to_end(tmp_path):
     assert (run_dir / "upscale" / "samples.npz").read_bytes() == before
 
 
+def test_a_negative_learning_rate_is_refused_in_one_line_before_the_run_folder_is_made(tmp_path):
+    refused = run_pipeline("train", "--exp", "smoke", "--run-dir", str(tmp_path / "run"), "--stage", "first_slice",
+                           "--model.lr=-1", "--trainer.max_steps=2")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == "error: lr=-1.0: the learning rate is a number of 0 or more, such as 4e-3"
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_divergence_error_names_the_given_learning_rate_at_any_step():
     # where a too-high rate first overflows (step 2 at the full rate, step 4 partway down the cosine)
     # depends on the CPU's float kernels: the error names the rate --model.lr gave, whichever step it is
