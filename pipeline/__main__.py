@@ -13,7 +13,11 @@ from stages.plan import ORDER
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    """A command-line count of 1 or more; argparse.ArgumentTypeError (one line) otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: use 1 or more") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive number: use 1 or more")
     return value

@@ -56,6 +56,7 @@ def test_sampling_targets_pass_batch_on(target, tmp_path):
     (["sample", "--batch", "0"], "--batch: 0 is not a positive number"),
     (["evaluate", "--batch", "0"], "--batch: 0 is not a positive number"),
     (["sample", "--n", "-2"], "--n: -2 is not a positive number"),
+    (["sample", "--n", "abc"], "--n: 'abc' is not a whole number"),
     (["sample", "--temperature", "nan"], "TEMPERATURE=nan is invalid"),
     (["sample", "--temperature", "inf"], "TEMPERATURE=inf is invalid"),
     (["upscale", "--temperature", "0", "--input", "x.png"], "TEMPERATURE=0.0 is invalid"),
