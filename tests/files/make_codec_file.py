@@ -5,7 +5,6 @@ levels can only approximate. Run it again (python tests/files/make_codec_file.py
 VERSION changes, and commit what it writes.
 """
 import json
-import platform
 import sys
 from datetime import date
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parents[1])]  # conftest's helpers, the project
 
+from benchmarks.report import machine  # noqa: E402
 from conftest import make_stages, save_cascade  # noqa: E402
 from pipeline.codec.coder import VERSION, compress  # noqa: E402
 from pipeline.inference.cascade import Cascade  # noqa: E402
@@ -23,13 +23,6 @@ from stages.plan import ORDER  # noqa: E402
 
 # colour, 8 bits, S = 2 and a depth stage: every stage and both parts of a sub-pixel's value
 GEOMETRY = dict(image_size=8, channels=3, bits=8, high_bits=5, subscale=2)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -41,10 +34,10 @@ def main() -> None:
     images = torch.cat([drawn.long(), noise])
     np.savez_compressed(out / "images.npz", images=images.numpy().astype(np.uint8))
     (out / "images.spn").write_bytes(compress(cascade, images))
-    machine = {"cpu": cpu_name(), "torch": torch.__version__, "kernels": torch.backends.cpu.get_cpu_capability(),
-               "codec_version": VERSION, "date": date.today().isoformat(), "geometry": GEOMETRY}
-    (out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
-    print(f"wrote {out}: {machine}")
+    made_on = {**machine(), "kernels": torch.backends.cpu.get_cpu_capability(), "codec_version": VERSION,
+               "date": date.today().isoformat(), "geometry": GEOMETRY}
+    (out / "machine.json").write_text(json.dumps(made_on, indent=2) + "\n")
+    print(f"wrote {out}: {made_on}")
 
 
 if __name__ == "__main__":
