@@ -271,6 +271,17 @@ def prepare_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, 
     return cli
 
 
+def interruption(stage: str, step: int, last: Path) -> str:
+    """What a Ctrl+C at training step `step` leaves: the step that the stage's resumable checkpoint
+    `last` holds, which making the target again resumes from, or, before the first one (every
+    `checkpoint_every` steps), that the stage starts over."""
+    if not last.exists():
+        return (f"{stage} stopped at step {step}, before its first checkpoint (every checkpoint_every steps "
+                f"of the experiment): making the same target again starts it over")
+    saved = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    return f"{stage} stopped at step {step}; make the same target again to resume from step {saved} ({last})"
+
+
 def fit_stage(cli, stage: str, run_dir: Path) -> Path:
     """Train the stage `prepare_stage` made ready, resuming from its last.ckpt if there is one, and
     write its final checkpoint."""
@@ -286,8 +297,7 @@ def fit_stage(cli, stage: str, run_dir: Path) -> Path:
             if not trainer.interrupted:
                 raise
         if trainer.interrupted:
-            raise KeyboardInterrupt(f"{stage} stopped at step {trainer.global_step}; "
-                                    f"make the same target again to resume from {last}")
+            raise KeyboardInterrupt(interruption(stage, trainer.global_step, last))
         interval = trainer.val_check_interval  # in steps (an int) when validation does not follow epochs
         if isinstance(interval, int) and interval > 0 and trainer.global_step % interval:
             trainer.validate(model, datamodule=data, verbose=False)  # val/bpd at the final weights

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -113,12 +114,38 @@ def test_ctrl_c_stops_training_with_one_line_and_it_resumes(tmp_path):
     step = wait_for_checkpoint(last, proc, 2)
     proc.send_signal(signal.SIGINT)  # Ctrl+C
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "make the same target again to resume" in err, err[-2000:]
     step = torch.load(last, weights_only=True)["global_step"]
+    assert proc.returncode == 130, err[-2000:]
+    assert f"make the same target again to resume from step {step} ({last})" in err, err[-2000:]
     resumed = run_pipeline(*args, f"--trainer.max_steps={step + 4}")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming first_slice from {last}" in resumed.stdout
     assert torch.load(tmp_path / "checkpoints" / "first_slice.ckpt", weights_only=True)["global_step"] == step + 4
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_the_stage_starts_over(tmp_path):
+    """No resumable checkpoint yet (checkpoint_every steps): the line says so instead of naming a
+    last.ckpt that does not exist."""
+    experiment = tmp_path / "rare_checkpoints.yaml"
+    experiment.write_text((ROOT / "conf" / "experiments" / "smoke.yaml").read_text() + "checkpoint_every: 1000000\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--exp", str(experiment), "--run-dir",
+                             str(tmp_path / "run"), "--stage", "first_slice", "--trainer.max_steps=100000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "offline"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    watchdog = threading.Timer(300, proc.kill)  # a run that never says the line below fails, not hangs
+    watchdog.start()
+    for line in proc.stdout:  # said once the stage is sure to train, right before it does
+        if line.startswith("W&B is offline"):
+            break
+    time.sleep(3)
+    watchdog.cancel()
+    proc.send_signal(signal.SIGINT)  # Ctrl+C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: first_slice stopped at step "), err[-2000:]
+    assert "before its first checkpoint" in err and "starts it over" in err and "last.ckpt" not in err, err[-2000:]
+    assert not (tmp_path / "run" / "checkpoints" / "first_slice" / "last.ckpt").exists()
 
 
 def test_bad_experiment_is_one_clear_line(tmp_path):
