@@ -23,14 +23,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def named_path(text: str) -> str:
-    """A command-line file or folder that is named (make's INPUT= or OUT= left unset passes ""); argparse.ArgumentTypeError
-    (one line) otherwise."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty: name a file or folder (INPUT=... and OUT=... with make)")
-    return text
-
-
 class OneLineParser(argparse.ArgumentParser):
     """Usage mistakes as one line (what is wrong, where to read more) and exit status 2."""
 
@@ -62,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--seed", type=int, default=0)
         c.add_argument("--batch", type=positive_int, default=16, help="images drawn at once (the images depend on it)")
         if name != "sample":
-            c.add_argument("--input", required=True, type=named_path, help="the image to condition on (PNG)")
+            c.add_argument("--input", required=True, help="the image to condition on (PNG)")
     quality = command("quality", "FID and KID of images drawn from the cascade against the test split")
     quality.add_argument("--n", type=positive_int, default=500, help="number of images drawn (FID_N)")
     quality.add_argument("--temperature", type=float, default=1.0)
@@ -73,8 +65,8 @@ def parser() -> argparse.ArgumentParser:
     for name, help in (("compress", "losslessly compress images with the cascade into one file"),
                        ("decompress", "restore the images of a file written by compress")):
         c = command(name, help)
-        c.add_argument("--input", required=True, type=named_path, help="compress: a folder of images or an .npz; decompress: a file")
-        c.add_argument("--out", required=True, type=named_path, help="compress: the file to write; decompress: a new folder or .npz")
+        c.add_argument("--input", required=True, help="compress: a folder of images or an .npz; decompress: a file")
+        c.add_argument("--out", required=True, help="compress: the file to write; decompress: a new folder or .npz")
     evaluate = command("evaluate", "exact bits/dim of the cascade and of each stage")
     evaluate.add_argument("--images", default=None, help=".npz with 'images', or a folder of images")
     evaluate.add_argument("--batch", type=positive_int, default=250)

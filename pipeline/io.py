@@ -83,6 +83,8 @@ def read_image(path: str | Path, channels: int, background: str = "white") -> np
     """One image file -> (H, W, C) uint8 with C = `channels`, decoded by `data.images` (orientation,
     bit depth, transparency onto `background`, palette and other modes). Raises FileNotFoundError or
     ValueError with one line."""
+    if not str(path).strip():  # make's INPUT= left unset
+        raise ValueError("no input given: INPUT=<an image file>")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file {path}: give the path of an image file")

@@ -175,6 +175,9 @@ def test_neither_command_overwrites_and_both_want_input(tmp_path, capsys):
     for command in ("compress", "decompress"):  # INPUT is asked for first
         code = cli([command, *run, "--input", "", "--out", ""])
         assert code == 2 and "no input given" in capsys.readouterr().err
+    for command in ("upscale", "deepen"):  # the samplers that start from an image: INPUT= unset, not "."
+        code = cli([command, *run, "--input", " "])
+        assert code == 2 and "no input given: INPUT=<an image file>" in capsys.readouterr().err
 
 
 def peaked_cascade():
