@@ -30,7 +30,8 @@ from pipeline.checkpoints import AtomicCheckpointIO, load_stage, save_stage
 from pipeline.config import ConfigError, lightning_config, load_experiment, wandb_init_timeout
 from pipeline.io import atomic_write
 from pipeline.tracking import wandb_failure
-from stages import GEOMETRY, STAGES
+from pipeline.inference.cascade import differences
+from stages import GEOMETRY, STAGES, geometry
 
 # the models report no FLOPs; images per second is what ThroughputMonitor is here for
 warnings.filterwarnings("ignore", message=".*define a `flops_per_batch`.*")
@@ -189,6 +190,22 @@ def warm_start(model, source: Path) -> None:
     print(f"{model.stage}: starts from the {name} decoder of {source}")
 
 
+def check_run_geometry(model, run_dir: Path) -> None:
+    """Raise ConfigError when a final checkpoint of another stage in `run_dir` was trained for another
+    geometry (image size, channels, bits, high bits, S) than `model` is set up for: one run folder holds
+    one cascade, so such a stage would be trained only for sampling and evaluation to refuse it (an EXP
+    that is not the run's, or changed settings). ValueError when such a checkpoint is unreadable."""
+    for name in STAGES:
+        path = run_dir / "checkpoints" / f"{name}.ckpt"
+        if name == model.stage or not path.exists():
+            continue
+        ours, theirs = differences(geometry(model.hparams), geometry(load_stage(name, path).hparams))
+        if ours:
+            raise ConfigError(f"the {model.stage} would be trained with {ours}, but {path} was trained with "
+                              f"{theirs}: use the experiment this run was trained with (EXP=...), or another "
+                              f"RUN_DIR for this one")
+
+
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Train (or resume) one stage of experiment `exp` in `run_dir`; return the final checkpoint path.
     `overrides` are LightningCLI arguments. Raises ConfigError (a ValueError) for bad settings,
@@ -215,7 +232,8 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
 def prepare_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, config: dict, overrides):
     """Everything of `train_stage` before training, once this process has the stage to itself: the
     LightningCLI of the stage (`config` is its config before the overrides), its callbacks, a stale
-    checkpoint set aside, the warm start, the online W&B run. Writes nothing but the stage's W&B id."""
+    checkpoint set aside, the warm start, the online W&B run. Writes nothing but the stage's W&B id.
+    Raises ConfigError, before anything else, when the run's other stages were trained for another geometry."""
     work = run_dir / "checkpoints" / stage
     last = work / "last.ckpt"
 
@@ -248,6 +266,7 @@ def prepare_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, 
         callbacks.append(PlainProgress())
         overrides = ["--trainer.enable_progress_bar=false", *overrides]
     cli = build()
+    check_run_geometry(cli.model, run_dir)
     if set_aside_if_stale(last, cli.model, cli.datamodule, stage):
         cli = build()  # with a new W&B run id
     trainer, model, data = cli.trainer, cli.model, cli.datamodule

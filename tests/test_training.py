@@ -320,6 +320,28 @@ def test_a_stage_with_init_from_starts_from_the_trained_decoder_only_when_it_sta
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
 
 
+def test_a_stage_of_another_geometry_than_the_runs_other_stages_is_refused_before_it_trains(tmp_path):
+    """One run folder, one cascade: a stage set up for another geometry than a stage already trained there
+    (an EXP that is not the run's, as `make sample RUN_DIR=... EXP=...` would train) is refused in one
+    line, and the run folder is left as it was, whichever stage came first."""
+    run = ["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--trainer.max_steps=2"]
+    assert run_pipeline(*run, "--stage", "first_slice").returncode == 0
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for stage in ("size_spn", "depth_spn"):
+        refused = run_pipeline(*run, "--stage", stage, "--data.image_size=12")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"error: the {stage} would be trained with image_size=(12, 12), but "
+            f"{tmp_path / 'checkpoints' / 'first_slice.ckpt'} was trained with image_size=(8, 8): use the "
+            f"experiment this run was trained with (EXP=...), or another RUN_DIR for this one")
+        assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
+        assert not (tmp_path / "checkpoints" / stage).exists()
+    (tmp_path / "checkpoints" / "first_slice.ckpt").rename(tmp_path / "first_slice.ckpt")
+    assert run_pipeline(*run, "--stage", "depth_spn").returncode == 0  # a later stage first: the earlier one is checked too
+    refused = run_pipeline(*run, "--stage", "first_slice", "--data.bits=5")
+    assert refused.returncode == 2 and "depth_spn.ckpt was trained with bits=4" in refused.stderr
+
+
 def test_ids_and_names_that_look_like_numbers_stay_strings(tmp_path, monkeypatch):
     """A W&B run id such as 6e360127 (and an experiment of that name) must not come back as a float."""
     monkeypatch.setenv("WANDB_MODE", "offline")
