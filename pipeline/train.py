@@ -247,7 +247,7 @@ def prepare_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, 
                 args=["--config", str(composed), *overrides],
                 save_config_callback=LogConfigToLogger, save_config_kwargs={"save_to_log_dir": False},
                 trainer_defaults={"callbacks": callbacks},
-                parser_kwargs={"exit_on_error": False},
+                parser_kwargs={"exit_on_error": False, "allow_abbrev": False},  # a misspelt flag is an error, not a guess
             )
         except argparse.ArgumentError as error:  # a bad override in ARGS: one line, not a page of usage
             raise ConfigError(f"{' '.join(str(error).split())}; see python -m pipeline train --exp {exp or ''} "

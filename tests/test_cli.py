@@ -65,6 +65,9 @@ def test_sampling_targets_pass_batch_on(target, tmp_path):
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["train", "--exp", "smoke", "--stage", "first_slice", "--model.lr=abc"], 'Parser key "model.lr"'),
     (["train", "--exp", "smoke", "--stage", "first_slice", "--model.nope=1"], "unrecognized arguments"),
+    # a misspelt flag that begins another's name is refused, not read as that one
+    (["train", "--exp", "smoke", "--stage", "first_slice", "--trainer.max_step=3"],
+     "unrecognized arguments: --trainer.max_step=3"),
     (["train", "--exp", "smoke", "--stage", "first_slice", "--data.batch_size=0"], "batch_size=0"),
     (["train", "--exp", "smoke", "--stage", "first_slice", "--trainer.accelerator=cuda"], "accelerator"),
     (["sample", "--exp", "tests/broken.yaml"], "is not valid YAML"),
