@@ -119,6 +119,10 @@ def read_npz_images(path: Path) -> np.ndarray:
     """The `images` array of an .npz file. Raises ValueError in one line for a file that is not a whole
     .npz (cut short, empty, another format) or whose arrays only unpickling would read (never done here)."""
     remedy = "give an .npz written by numpy.savez with a uint8 'images' array (N, H, W, C), or a folder of images"
+    with open(path, "rb") as file:
+        head = file.read(6)
+    if head and not head.startswith((b"PK", b"\x93NUMPY")):  # numpy would read any other file as a pickle
+        raise ValueError(f"cannot read {path}: not an .npz file (it does not begin as a zip archive does); {remedy}")
     try:
         archive = np.load(path)  # allow_pickle=False: a file from elsewhere cannot run code
         if isinstance(archive, np.lib.npyio.NpzFile):

@@ -220,4 +220,5 @@ def test_an_npz_that_is_not_whole_is_one_line(tmp_path, capsys, kind):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: cannot read {tmp_path / 'images.npz'}: ") and "numpy.savez" in err
+    assert ("does not begin as a zip archive" in err) == (kind == "text")  # not "pickled data", numpy's guess
     assert not (tmp_path / "run" / "eval.json").exists()
