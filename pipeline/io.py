@@ -96,6 +96,8 @@ def read_image(path: str | Path, channels: int, background: str = "white") -> np
     if not str(path).strip():  # make's INPUT= left unset
         raise ValueError("no input given: INPUT=<an image file>")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the path of one image file in it")
     if not path.is_file():
         raise FileNotFoundError(f"no image file {path}: give the path of an image file")
     try:

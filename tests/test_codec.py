@@ -175,9 +175,13 @@ def test_neither_command_overwrites_and_both_want_input(tmp_path, capsys):
     for command in ("compress", "decompress"):  # INPUT is asked for first
         code = cli([command, *run, "--input", "", "--out", ""])
         assert code == 2 and "no input given" in capsys.readouterr().err
+    code = cli(["decompress", *run, "--input", str(tmp_path), "--out", str(tmp_path / "new.npz")])
+    assert code == 2 and f"{tmp_path} is a folder: give INPUT=<a file written by make compress>" in capsys.readouterr().err
     for command in ("upscale", "deepen"):  # the samplers that start from an image: INPUT= unset, not "."
         code = cli([command, *run, "--input", " "])
         assert code == 2 and "no input given: INPUT=<an image file>" in capsys.readouterr().err
+        code = cli([command, *run, "--input", str(tmp_path)])  # a folder, where one image is wanted
+        assert code == 2 and f"{tmp_path} is a folder: give the path of one image file in it" in capsys.readouterr().err
 
 
 def peaked_cascade():

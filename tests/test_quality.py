@@ -164,6 +164,8 @@ def test_inception_features_without_weights_or_package_are_one_line(tmp_path):
     images = torch.zeros((4, 1, 8, 8), dtype=torch.uint8)
     with pytest.raises(ValueError, match="no such file.*never downloaded"):
         fid_kid(str(tmp_path / "none.pth"), images, images)
+    with pytest.raises(ValueError, match=f"INCEPTION={tmp_path}: a folder; give the path of"):
+        fid_kid(str(tmp_path), images, images)
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"not weights")
     try:

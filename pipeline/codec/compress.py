@@ -45,6 +45,8 @@ def decompress_command(args) -> None:
     if not args.input:
         raise ValueError("no input given: INPUT=<a file written by make compress>")
     path = Path(args.input)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give INPUT=<a file written by make compress>")
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}: give INPUT=<a file written by make compress>")
     if not args.out:

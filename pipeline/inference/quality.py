@@ -65,7 +65,8 @@ def inception(path: str):
     file; ValueError in one line when the file is missing or not those weights, or torch-fidelity is
     not installed (nothing is downloaded)."""
     if not Path(path).is_file():
-        raise ValueError(f"INCEPTION={path}: no such file; give the path of pt_inception-2015-12-05-6726825d.pth "
+        what = "a folder" if Path(path).is_dir() else "no such file"
+        raise ValueError(f"INCEPTION={path}: {what}; give the path of pt_inception-2015-12-05-6726825d.pth "
                          f"(torch-fidelity's Inception-v3 weights), which is never downloaded here")
     try:
         import torch_fidelity  # noqa: F401 - torchmetrics' Inception needs it
