@@ -202,7 +202,8 @@ def run(argv) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
-        print(f"interrupted: {stop}" if str(stop) else "interrupted", file=sys.stderr)
+        print(f"interrupted: {str(stop) or f'{args.command} stopped by Ctrl+C; what it wrote before is as it was'}",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -156,7 +156,7 @@ def test_readme_experiment_table_agrees_with_the_configs():
         assert (data["subscale"], data["bits"], data["high_bits"]) == (int(s), int(n), int(b)), name
 
 
-def test_interrupted_sampling_leaves_the_previous_outputs_whole(tmp_path, monkeypatch):
+def test_interrupted_sampling_leaves_the_previous_outputs_whole(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     save_cascade(make_stages(**SMOKE), run_dir)
     exp = str(experiment_file(tmp_path, SMOKE))
@@ -169,6 +169,8 @@ def test_interrupted_sampling_leaves_the_previous_outputs_whole(tmp_path, monkey
 
     monkeypatch.setattr(pipeline.inference.sample, "save_gif", interrupted)  # Ctrl+C while the outputs are written
     assert cli(["sample", "--exp", exp, "--run-dir", str(run_dir), "--n", "3", "--seed", "1"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "interrupted: sample stopped by Ctrl+C; what it wrote before is as it was")
     assert {p.name: p.read_bytes() for p in (run_dir / "samples").iterdir()} == before
     left = sorted(p.name for p in run_dir.iterdir())
     assert left == ["checkpoints", "samples", "wandb"] or left == ["checkpoints", "samples"]
