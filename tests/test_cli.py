@@ -156,6 +156,15 @@ def test_readme_experiment_table_agrees_with_the_configs():
         assert (data["subscale"], data["bits"], data["high_bits"]) == (int(s), int(n), int(b)), name
 
 
+def test_sampling_in_batches_names_each_batch_on_its_progress_line(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    save_cascade(make_stages(**SMOKE), run_dir)
+    exp = str(experiment_file(tmp_path, SMOKE))
+    assert cli(["sample", "--exp", exp, "--run-dir", str(run_dir), "--n", "3", "--batch", "2"]) == 0
+    bars = [line.split(":")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("sampling")]
+    assert bars == ["sampling images 1-2 of 3", "sampling images 3-3 of 3"]  # not two bars that both look final
+
+
 def test_interrupted_sampling_leaves_the_previous_outputs_whole(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     save_cascade(make_stages(**SMOKE), run_dir)

@@ -119,7 +119,7 @@ class Cascade:
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None,
-               known: dict | None = None, fixed_msb=(), fixed_lsb=(), frames: bool = False, progress: bool = False,
+               known: dict | None = None, fixed_msb=(), fixed_lsb=(), frames: bool = False, progress: bool | str = False,
                method: str = "fast", workers: int | None = None):
         """Draw n images, slice by slice in the cascade's order, skipping the given slices (`known`:
         {"msb"|"lsb": (n, S*S, h, w, C) n-bit slices}, of which `fixed_msb`/`fixed_lsb` are kept).
@@ -127,7 +127,8 @@ class Cascade:
         Returns n-bit images (n, H, W, C); the log-probability in nats at temperature 1 of the
         drawn slices given the rest, (n,) (of the whole image when nothing is fixed); and, if
         `frames`, pictures of the image growing, one per slice: 8-bit (n, H, W, C) each.
-        `method` is the decoding of each slice (see `SliceDecoder.sample`). Each image draws its noise
+        `progress`: a bar of the sub-pixels drawn, described by the string given, if one is. `method` is the
+        decoding of each slice (see `SliceDecoder.sample`). Each image draws its noise
         from a generator of its own, seeded by the next number of `generator`: the i-th image drawn
         from a generator is the same however the images are split into batches. On a CPU the images
         are split between `workers` forked processes (`pipeline.inference.processes`; by default one
@@ -141,7 +142,7 @@ class Cascade:
         if method in ("fast", "native"):  # build or load the C++ sampler once, here, before the bar and the forks
             native.usable(self.device, torch.float32)
         steps = len(self.plan(fixed_msb, fixed_lsb)) * self.h * self.w * self.C * n
-        bar = progress_bar(steps, "sampling", "sub-pixel", disable=not progress)
+        bar = progress_bar(steps, progress if isinstance(progress, str) else "sampling", "sub-pixel", disable=not progress)
 
         def share(rows, progress):  # rows: the indices of one process's images
             part = {name: slices[rows] for name, slices in known.items()}

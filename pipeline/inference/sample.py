@@ -97,8 +97,9 @@ def draw(cascade: Cascade, n: int, batch: int, temperature: float, seed: int, co
     for start in range(0, n, batch):
         size = min(batch, n - start)
         known = None if conditions is None else {p: v[start:start + size] for p, v in conditions.items()}
+        bar = "sampling" if size == n else f"sampling images {start + 1}-{start + size} of {n}"  # one bar a batch
         x, lp, frames = cascade.sample(size, temperature, generator, known, fixed_msb, fixed_lsb,
-                                       frames=start == 0, progress=True)
+                                       frames=start == 0, progress=bar)
         images.append(x.cpu())
         log_probs.append(lp.cpu())
         growth = growth if growth is not None else frames
