@@ -37,10 +37,10 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 def writers_lock(path: Path) -> FileLock:
     """The lock that processes replacing the same output `path` (resolved) take turns with. Its file
-    lies in a folder of this user's in the system's temporary folder (another user's lock files there
-    could not be opened), named by a digest of the path, so that nothing but the output is left beside it."""
-    folder = Path(tempfile.gettempdir()) / f"subscale-locks-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    lies in the system's temporary folder, named by a digest of the path, so that nothing but the
+    output is left beside it."""
+    folder = Path(tempfile.gettempdir()) / "subscale-locks"
+    folder.mkdir(exist_ok=True)
     return FileLock(folder / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.lock")
 
 
