@@ -1,13 +1,11 @@
 """Reading user images and writing outputs without ever leaving a half-written file."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import shutil
 import sys
-import tempfile
 import zipfile
 import zlib
 from contextlib import contextmanager
@@ -35,21 +33,13 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         partial.unlink(missing_ok=True)
 
 
-def writers_lock(path: Path) -> FileLock:
-    """The lock that processes replacing the same output `path` (resolved) take turns with. Its file
-    lies in the system's temporary folder, named by a digest of the path, so that nothing but the
-    output is left beside it."""
-    folder = Path(tempfile.gettempdir()) / "subscale-locks"
-    folder.mkdir(exist_ok=True)
-    return FileLock(folder / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.lock")
-
-
 @contextmanager
 def folder_at_once(path: str | Path):
     """Write a folder's files into a temporary folder, which replaces `path` only when the block ends
     without an error: an interrupted command leaves the old folder whole, never a mix. A symbolic
     link is followed: the folder it points to is replaced, and the link stays. Processes writing one
-    folder at once take turns to replace it (`writers_lock`): the last one's folder is the one left."""
+    folder at once take turns to replace it (a lock file beside it, `.<name>.lock`, which stays):
+    the last one's folder is the one left."""
     path = Path(path).resolve()
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -57,7 +47,7 @@ def folder_at_once(path: str | Path):
     try:
         yield partial
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        with writers_lock(path):  # released by the system if this process dies
+        with FileLock(path.with_name(f".{path.name}.lock")):  # released by the system if this process dies
             if path.exists():
                 os.replace(path, old)
             os.replace(partial, path)
