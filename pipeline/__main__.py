@@ -167,6 +167,13 @@ def dispatch(args) -> None:
         run(args)
 
 
+def stopped(command: str) -> str:
+    """What a Ctrl+C that brought no message of its own (training's names the step) leaves of `command`."""
+    if command == "train":
+        return "train stopped by Ctrl+C; make the same target again to resume"
+    return f"{command} stopped by Ctrl+C; what it wrote before is as it was"
+
+
 def run(argv) -> int:
     if not sys.stderr.isatty():  # a log file: no redrawn progress bars from `datasets`
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -182,8 +189,7 @@ def run(argv) -> int:
         except Exception as error:
             if not CTRL_C:
                 raise
-            resume = "; make the same target again to resume" if args.command == "train" else ""
-            raise KeyboardInterrupt(f"{args.command} stopped by Ctrl+C{resume}") from error
+            raise KeyboardInterrupt(stopped(args.command)) from error
     except (ValueError, OSError) as error:  # a user's mistake or a missing file, network or disk: one line
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -202,8 +208,7 @@ def run(argv) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:
-        print(f"interrupted: {str(stop) or f'{args.command} stopped by Ctrl+C; what it wrote before is as it was'}",
-              file=sys.stderr)
+        print(f"interrupted: {str(stop) or stopped(args.command)}", file=sys.stderr)
         return 130
     return 0
 

@@ -113,7 +113,7 @@ def read_npz_images(path: Path) -> np.ndarray:
     remedy = "give an .npz written by numpy.savez with a uint8 'images' array (N, H, W, C), or a folder of images"
     with open(path, "rb") as file:
         head = file.read(6)
-    if head and not head.startswith((b"PK", b"\x93NUMPY")):  # numpy would read any other file as a pickle
+    if head and not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):  # numpy reads others as pickles
         raise ValueError(f"cannot read {path}: not an .npz file (it does not begin as a zip archive does); {remedy}")
     try:
         archive = np.load(path)  # allow_pickle=False: a file from elsewhere cannot run code

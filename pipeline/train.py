@@ -28,10 +28,11 @@ from data.datamodule import SubscaleDataModule
 from pipeline.callbacks import PlainProgress, SampleGrid, ValidationQuality
 from pipeline.checkpoints import AtomicCheckpointIO, load_stage, save_stage
 from pipeline.config import ConfigError, lightning_config, load_experiment, wandb_init_timeout
+from pipeline.inference.cascade import differences
 from pipeline.io import atomic_write
 from pipeline.tracking import wandb_failure
-from pipeline.inference.cascade import differences
 from stages import GEOMETRY, STAGES, geometry
+from stages.plan import cascade_stages
 
 # the models report no FLOPs; images per second is what ThroughputMonitor is here for
 warnings.filterwarnings("ignore", message=".*define a `flops_per_batch`.*")
@@ -191,19 +192,26 @@ def warm_start(model, source: Path) -> None:
 
 
 def check_run_geometry(model, run_dir: Path) -> None:
-    """Raise ConfigError when a final checkpoint of another stage in `run_dir` was trained for another
-    geometry (image size, channels, bits, high bits, S) than `model` is set up for: one run folder holds
-    one cascade, so such a stage would be trained only for sampling and evaluation to refuse it (an EXP
-    that is not the run's, or changed settings). ValueError when such a checkpoint is unreadable."""
-    for name in STAGES:
+    """Raise ConfigError when a final checkpoint in `run_dir` of another stage of the cascade `model`
+    belongs to was trained for another geometry (image size, channels, bits, high bits, S) than `model`
+    is set up for: one run folder holds one cascade, so such a stage would be trained only for sampling
+    and evaluation to refuse it (an EXP that is not the run's, or changed settings). Reads only the
+    checkpoints' hyperparameters; ValueError in one line when one is unreadable."""
+    hp = model.hparams
+    for name in cascade_stages(hp.subscale, hp.bits, hp.high_bits):
         path = run_dir / "checkpoints" / f"{name}.ckpt"
         if name == model.stage or not path.exists():
             continue
-        ours, theirs = differences(geometry(model.hparams), geometry(load_stage(name, path).hparams))
+        try:
+            trained = geometry(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"])
+        except Exception as error:  # truncated, foreign or unsafe files all land here, as in load_stage
+            raise ValueError(f"cannot read {path} ({type(error).__name__}: {error}); remove it and train the "
+                             f"stage again") from error
+        ours, theirs = differences(geometry(hp), trained)
         if ours:
             raise ConfigError(f"the {model.stage} would be trained with {ours}, but {path} was trained with "
-                              f"{theirs}: use the experiment this run was trained with (EXP=...), or another "
-                              f"RUN_DIR for this one")
+                              f"{theirs}: use the experiment this run was trained with (EXP=...) or another "
+                              f"RUN_DIR, or retrain the whole cascade with the new settings (make clean train-all)")
 
 
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
@@ -233,7 +241,8 @@ def prepare_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, 
     """Everything of `train_stage` before training, once this process has the stage to itself: the
     LightningCLI of the stage (`config` is its config before the overrides), its callbacks, a stale
     checkpoint set aside, the warm start, the online W&B run. Writes nothing but the stage's W&B id.
-    Raises ConfigError, before anything else, when the run's other stages were trained for another geometry."""
+    Raises ConfigError right after the CLI is built, before the rest, when the run's other stages were
+    trained for another geometry (`check_run_geometry`)."""
     work = run_dir / "checkpoints" / stage
     last = work / "last.ckpt"
 

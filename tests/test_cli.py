@@ -410,6 +410,9 @@ def test_a_ctrl_c_that_c_code_turns_into_another_error_is_still_an_interruption(
     assert cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice"]) == 130
     assert capsys.readouterr().err.strip() == ("interrupted: train stopped by Ctrl+C; make the same target again "
                                                "to resume")
+    monkeypatch.setattr("pipeline.inference.sample.main", train_hit_by_ctrl_c)  # another command: no resume hint
+    assert cli(["sample", "--exp", "smoke", "--run-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: sample stopped by Ctrl+C; what it wrote before is as it was"
     monkeypatch.setattr("pipeline.train.main", lambda args: (_ for _ in ()).throw(ValueError("a real mistake")))
     assert cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice"]) == 2  # no Ctrl+C
     assert capsys.readouterr().err.strip() == "error: a real mistake"

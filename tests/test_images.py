@@ -207,10 +207,10 @@ def broken_npz(path, kind: str) -> None:
             np.save(f, np.zeros((2, 8, 8, 1), np.uint8))
     else:
         path.write_bytes({"cut": whole.getvalue()[:len(whole.getvalue()) // 2], "empty": b"",
-                          "text": b"name,value\nx,1\n"}[kind])
+                          "text": b"name,value\nx,1\n", "pk text": b"PKG-INFO\nName: x\n"}[kind])
 
 
-@pytest.mark.parametrize("kind", ["cut", "empty", "text", "pickled", "npy"])
+@pytest.mark.parametrize("kind", ["cut", "empty", "text", "pk text", "pickled", "npy"])
 def test_an_npz_that_is_not_whole_is_one_line(tmp_path, capsys, kind):
     geometry = dict(image_size=8, channels=1, bits=4, high_bits=2, subscale=2)
     save_cascade(make_stages(**geometry), tmp_path / "run")
@@ -220,5 +220,5 @@ def test_an_npz_that_is_not_whole_is_one_line(tmp_path, capsys, kind):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: cannot read {tmp_path / 'images.npz'}: ") and "numpy.savez" in err
-    assert ("does not begin as a zip archive" in err) == (kind == "text")  # not "pickled data", numpy's guess
+    assert ("does not begin as a zip archive" in err) == (kind in ("text", "pk text"))  # not numpy's "pickled data"
     assert not (tmp_path / "run" / "eval.json").exists()

@@ -333,13 +333,20 @@ def test_a_stage_of_another_geometry_than_the_runs_other_stages_is_refused_befor
         assert refused.stderr.strip().splitlines()[-1] == (
             f"error: the {stage} would be trained with image_size=(12, 12), but "
             f"{tmp_path / 'checkpoints' / 'first_slice.ckpt'} was trained with image_size=(8, 8): use the "
-            f"experiment this run was trained with (EXP=...), or another RUN_DIR for this one")
+            f"experiment this run was trained with (EXP=...) or another RUN_DIR, or retrain the whole cascade "
+            f"with the new settings (make clean train-all)")
         assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
         assert not (tmp_path / "checkpoints" / stage).exists()
     (tmp_path / "checkpoints" / "first_slice.ckpt").rename(tmp_path / "first_slice.ckpt")
     assert run_pipeline(*run, "--stage", "depth_spn").returncode == 0  # a later stage first: the earlier one is checked too
     refused = run_pipeline(*run, "--stage", "first_slice", "--data.bits=5")
     assert refused.returncode == 2 and "depth_spn.ckpt was trained with bits=4" in refused.stderr
+    (tmp_path / "checkpoints" / "depth_spn.ckpt").write_bytes(b"not a checkpoint")  # unreadable: one line too
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    refused = run_pipeline(*run, "--stage", "first_slice")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: cannot read {tmp_path / 'checkpoints' / 'depth_spn.ckpt'} (")
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
 
 
 def test_ids_and_names_that_look_like_numbers_stay_strings(tmp_path, monkeypatch):
