@@ -116,7 +116,8 @@ quality: train-all
 upscale: train-all
 	$(PIPELINE) upscale $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)
 
-deepen: train-all
+# an experiment without a depth stage trains nothing: deepen says so at once
+deepen: $(if $(filter depth_spn,$(STAGES)),train-all,install)
 	$(PIPELINE) deepen $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)
 
 compress: train-all

@@ -46,6 +46,18 @@ def test_an_experiment_given_as_a_path_runs_in_a_folder_named_after_it(tmp_path)
     assert "--run-dir runs/my_experiment " in planned.stdout
 
 
+def test_deepen_without_a_depth_stage_trains_nothing_and_says_so(tmp_path):
+    """b = n (the default): make deepen does not train the cascade first only to refuse; the command
+    refuses before it looks for checkpoints."""
+    planned = make("-n", "deepen", "EXP=fashion_mnist", f"RUN_DIR={tmp_path}", "INPUT=x.png")
+    assert "pipeline deepen" in planned.stdout and "pipeline train" not in planned.stdout
+    assert "pipeline train" in make("-n", "deepen", "EXP=smoke", f"RUN_DIR={tmp_path}", "INPUT=x.png").stdout
+    done = subprocess.run([sys.executable, "-m", "pipeline", "deepen", "--exp", "fashion_mnist", "--run-dir",
+                           str(tmp_path / "run"), "--input", "x.png"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert one_line_error(done.stderr) == "error: experiment 'fashion_mnist' has no depth stage (b = n): nothing to deepen"
+
+
 @pytest.mark.parametrize("target", ["upscale", "deepen", "sample"])
 def test_sampling_targets_pass_batch_on(target, tmp_path):
     planned = make("-n", target, "EXP=smoke", f"RUN_DIR={tmp_path}", "INPUT=x.png", "BATCH=3")

@@ -175,9 +175,10 @@ def upscale(args) -> None:
 def deepen(args) -> None:
     """Bit-depth expansion: the input's b high bits are kept, the low bits drawn."""
     check_sampling_settings(args.n, args.batch, args.temperature)
-    experiment, cascade = load_cascade(args)
-    if "depth_spn" not in cascade.stages:
+    experiment = load_experiment(args.exp)
+    if "depth_spn" not in stage_names(experiment):  # before the checkpoints: an untrained run says it too
         raise ValueError(f"experiment {experiment['name']!r} has no depth stage (b = n): nothing to deepen")
+    experiment, cascade = load_cascade(args)
     check_memory(args.n, args.batch, cascade, given=True)
     image = read_image(args.input, cascade.C, experiment["data"].get("background", "white"))[None]
     check_shape(image, cascade.shape, f"INPUT {args.input}")
