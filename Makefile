@@ -113,7 +113,8 @@ evaluate: train-all
 quality: train-all
 	$(PIPELINE) quality $(RUN) --n $(FID_N) --temperature $(TEMPERATURE) --seed $(SEED) $(if $(INCEPTION),--inception "$(INCEPTION)")
 
-upscale: train-all
+# an experiment without a size SPN (S = 1) trains nothing: upscale says so at once
+upscale: $(if $(filter size_spn,$(STAGES)),train-all,install)
 	$(PIPELINE) upscale $(RUN) --input "$(INPUT)" --n $(N) --temperature $(TEMPERATURE) --seed $(SEED) --batch $(BATCH)
 
 # an experiment without a depth stage trains nothing: deepen says so at once

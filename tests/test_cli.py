@@ -58,6 +58,18 @@ def test_deepen_without_a_depth_stage_trains_nothing_and_says_so(tmp_path):
     assert one_line_error(done.stderr) == "error: experiment 'fashion_mnist' has no depth stage (b = n): nothing to deepen"
 
 
+def test_upscale_without_a_size_spn_trains_nothing_and_says_so(tmp_path):
+    """S = 1: make upscale does not train the cascade first only to refuse."""
+    config = tmp_path / "whole.yaml"
+    config.write_text((ROOT / "conf" / "experiments" / "smoke.yaml").read_text().replace("subscale: 2", "subscale: 1"))
+    planned = make("-n", "upscale", f"EXP={config}", f"RUN_DIR={tmp_path}", "INPUT=x.png")
+    assert "pipeline upscale" in planned.stdout and "pipeline train" not in planned.stdout
+    done = subprocess.run([sys.executable, "-m", "pipeline", "upscale", "--exp", str(config), "--run-dir",
+                           str(tmp_path / "run"), "--input", "x.png"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert one_line_error(done.stderr) == "error: experiment 'whole' has S = 1: there is nothing to upscale"
+
+
 @pytest.mark.parametrize("target", ["upscale", "deepen", "sample"])
 def test_sampling_targets_pass_batch_on(target, tmp_path):
     planned = make("-n", target, "EXP=smoke", f"RUN_DIR={tmp_path}", "INPUT=x.png", "BATCH=3")

@@ -152,9 +152,10 @@ def upscale(args) -> None:
     (conditioning them on l_0 too would weight each by p(l_0 | m)), then the LSB exactly.
     """
     check_sampling_settings(args.n, args.batch, args.temperature)
-    experiment, cascade = load_cascade(args)
-    if cascade.S == 1:
+    experiment = load_experiment(args.exp)
+    if "size_spn" not in stage_names(experiment):  # before the checkpoints: an untrained run says it too
         raise ValueError(f"experiment {experiment['name']!r} has S = 1: there is nothing to upscale")
+    experiment, cascade = load_cascade(args)
     check_memory(args.n, args.batch, cascade, given=True)
     low = read_image(args.input, cascade.C, experiment["data"].get("background", "white"))[None]
     check_shape(low, (cascade.h, cascade.w, cascade.C), f"INPUT {args.input}")
