@@ -97,7 +97,8 @@ def main() -> None:
     if args.init and args.stage == ORDER[0]:
         parser.error(f"--init: the {ORDER[0]} is the first stage and starts from none")
     if args.init and not Path(args.init).is_file():
-        parser.error(f"--init {args.init}: no such checkpoint (write one with --save)")
+        what = "a folder, not a checkpoint file" if Path(args.init).is_dir() else "no such checkpoint"
+        parser.error(f"--init {args.init}: {what} (write one with --save)")
 
     geometry = dict(image_size=28, channels=1, bits=args.bits, high_bits=args.high_bits, subscale=args.subscale)
     try:
