@@ -230,7 +230,7 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
     with alone(work, stage, run_dir) as fresh:
         try:
             cli = prepare_stage(exp, experiment, stage, run_dir, config, overrides)
-        except (ValueError, OSError):
+        except (ValueError, OSError, SystemExit):  # SystemExit: LightningCLI's --print_config, done
             if fresh:
                 undo_start(work, made)
             raise
@@ -260,7 +260,7 @@ def prepare_stage(exp: str | None, experiment: dict, stage: str, run_dir: Path, 
             )
         except argparse.ArgumentError as error:  # a bad override in ARGS: one line, not a page of usage
             raise ConfigError(f"{' '.join(str(error).split())}; see python -m pipeline train --exp {exp or ''} "
-                              f"--stage {stage} --help") from error
+                              f"--stage {stage} --print_config, which lists every setting") from error
         except MisconfigurationException as error:  # e.g. --trainer.devices=4 on a machine with fewer
             raise ConfigError(f"{' '.join(str(error).split())} (check ARGS and the trainer section of "
                               f"the experiment)") from error

@@ -107,6 +107,16 @@ def test_bad_arguments_are_one_line_and_exit_2(arguments, message, tmp_path):
     assert "W&B is offline" not in done.stdout  # no news of a run that will not be
 
 
+def test_a_bad_override_points_to_print_config_which_lists_every_setting_and_writes_nothing(tmp_path):
+    train = [sys.executable, "-m", "pipeline", "train", "--exp", "smoke", "--run-dir", str(tmp_path / "run"),
+             "--stage", "first_slice"]
+    typo = subprocess.run([*train, "--trainer.max_step=3"], cwd=ROOT, capture_output=True, text=True)
+    assert one_line_error(typo.stderr).endswith("--stage first_slice --print_config, which lists every setting")
+    listed = subprocess.run([*train, "--print_config"], cwd=ROOT, capture_output=True, text=True)
+    assert listed.returncode == 0 and "max_steps:" in listed.stdout and "width:" in listed.stdout
+    assert not (tmp_path / "run").exists()  # no lock, W&B id or folder left by a command that trained nothing
+
+
 def test_project_code_checks_with_exceptions_not_asserts():
     """`assert` vanishes under python -O and shows users a traceback: project code raises instead."""
     for path in [*ROOT.glob("data/*.py"), *ROOT.glob("stages/*.py"), *ROOT.glob("pipeline/*.py")]:
