@@ -196,7 +196,7 @@ def test_sampling_in_batches_names_each_batch_on_its_progress_line(tmp_path, cap
     exp = str(experiment_file(tmp_path, SMOKE))
     assert cli(["sample", "--exp", exp, "--run-dir", str(run_dir), "--n", "3", "--batch", "2"]) == 0
     bars = [line.split(":")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("sampling")]
-    assert bars == ["sampling images 1-2 of 3", "sampling images 3-3 of 3"]  # not two bars that both look final
+    assert bars == ["sampling images 1-2 of 3", "sampling image 3 of 3"]  # not two bars that both look final
 
 
 def test_interrupted_sampling_leaves_the_previous_outputs_whole(tmp_path, monkeypatch, capsys):

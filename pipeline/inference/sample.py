@@ -97,7 +97,8 @@ def draw(cascade: Cascade, n: int, batch: int, temperature: float, seed: int, co
     for start in range(0, n, batch):
         size = min(batch, n - start)
         known = None if conditions is None else {p: v[start:start + size] for p, v in conditions.items()}
-        bar = "sampling" if size == n else f"sampling images {start + 1}-{start + size} of {n}"  # one bar a batch
+        images_in = f"image {start + 1}" if size == 1 else f"images {start + 1}-{start + size}"
+        bar = "sampling" if size == n else f"sampling {images_in} of {n}"  # one bar a batch
         x, lp, frames = cascade.sample(size, temperature, generator, known, fixed_msb, fixed_lsb,
                                        frames=start == 0, progress=bar)
         images.append(x.cpu())
