@@ -203,10 +203,10 @@ def check_run_geometry(model, run_dir: Path) -> None:
         if name == model.stage or not path.exists():
             continue
         try:
-            trained = geometry(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"])
+            trained = geometry(torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"])
         except Exception as error:  # truncated, foreign or unsafe files all land here, as in load_stage
-            raise ValueError(f"cannot read {path} ({type(error).__name__}: {error}); remove it and train the "
-                             f"stage again") from error
+            raise ValueError(f"cannot read {path} as a checkpoint of the {name} ({type(error).__name__}); remove it "
+                             f"and train the stage again") from error  # torch's own text would suggest unsafe loading
         ours, theirs = differences(geometry(hp), trained)
         if ours:
             raise ConfigError(f"the {model.stage} would be trained with {ours}, but {path} was trained with "

@@ -345,7 +345,8 @@ def test_a_stage_of_another_geometry_than_the_runs_other_stages_is_refused_befor
     files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     refused = run_pipeline(*run, "--stage", "first_slice")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: cannot read {tmp_path / 'checkpoints' / 'depth_spn.ckpt'} (")
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"error: cannot read {tmp_path / 'checkpoints' / 'depth_spn.ckpt'} as a checkpoint of the depth_spn (")
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
 
 
