@@ -32,6 +32,7 @@ from benchmarks.quality import pipeline, train
 from benchmarks.report import machine, table
 from benchmarks.throughput import measure_stages
 from pipeline.__main__ import OneLineParser
+from pipeline.io import atomic_write, save_json
 from pipeline.config import load_experiment, stage_names
 from pipeline.inference.features import as_shown
 from pipeline.inference.pictures import image_grid
@@ -133,8 +134,8 @@ def main() -> None:
     results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
     command = (f"python -m benchmarks.depth --exp {args.exp} --minutes {args.minutes:g} --n {args.n}"
                + (f" --test-images {args.test_images}" if args.test_images else ""))
-    (Path(args.out) / "depth.json").write_text(json.dumps(results, indent=2) + "\n")
-    (Path(args.out) / "depth.md").write_text(markdown(results, command))
+    save_json(Path(args.out) / "depth.json", results)
+    atomic_write(Path(args.out) / "depth.md", markdown(results, command).encode())
     print(f"wrote {Path(args.out) / 'depth.json'} and {Path(args.out) / 'depth.md'}")
 
 

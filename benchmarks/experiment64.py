@@ -12,6 +12,7 @@ import torch
 from benchmarks import memory, throughput
 from benchmarks.sampling import cascade_of
 from pipeline.__main__ import OneLineParser
+from pipeline.io import atomic_write, save_json
 from pipeline.config import load_experiment
 
 EXPERIMENT = "emoji64"
@@ -68,10 +69,10 @@ def main() -> None:
     args = parser.parse_args()
     results = {**run(args.quick), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)
-    (out / "experiment64.json").write_text(json.dumps(results, indent=2) + "\n")
+    save_json(out / "experiment64.json", results)
     command = "python -m benchmarks.experiment64" + (" --quick" if args.quick else "")
-    (out / "experiment64.md").write_text(f"`{command}` on {results['machine']['cpu']} ({results['machine']['threads']} "
-                                         f"threads), {results['date']}.\n" + "\n".join(markdown(results)) + "\n")
+    atomic_write(out / "experiment64.md", (f"`{command}` on {results['machine']['cpu']} ({results['machine']['threads']} "
+                                           f"threads), {results['date']}.\n" + "\n".join(markdown(results)) + "\n").encode())
     print(f"wrote {out / 'experiment64.json'} and {out / 'experiment64.md'}")
 
 

@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.report import machine
 from pipeline.__main__ import OneLineParser
+from pipeline.io import save_json
 from pipeline.inference.features import as_shown
 from pipeline.inference.quality import fid_kid, run_features, split_images
 from pipeline.inference.sample import draw, load_cascade
@@ -50,9 +51,8 @@ def main() -> None:
         print(f"N={n}: FID {summary[n]['fid_mean']:.3f} (spread {summary[n]['fid_spread']:.3f}), "
               f"KID {summary[n]['kid_mean']:.5f} (spread {summary[n]['kid_spread']:.5f}) over {args.seeds} seeds")
     out = Path(args.out) / f"fid_stability_{Path(args.exp).stem}.json"
-    out.write_text(json.dumps({"experiment": args.exp, "features": record["name"], "n_real": len(real),
-                               "machine": machine(), "date": time.strftime("%Y-%m-%d"), "rows": rows,
-                               "summary": summary}, indent=2) + "\n")
+    save_json(out, {"experiment": args.exp, "features": record["name"], "n_real": len(real), "machine": machine(),
+                    "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary})
     print(f"wrote {out}")
 
 

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.throughput import matmul_peak
 from pipeline.__main__ import OneLineParser
+from pipeline.io import save_json
 from pipeline.inference.cascade import Cascade
 from stages import STAGES
 from stages.plan import ORDER
@@ -108,7 +109,7 @@ def main() -> None:
     smoke = args.smoke or not torch.cuda.is_available()
     results = run(smoke)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    save_json(args.out, results)
     print(f"wrote {args.out}")
 
 

@@ -12,7 +12,6 @@ of both revisions are hashed: a refactoring must not change them. Writes OUT.jso
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.__main__ import OneLineParser
+from pipeline.io import atomic_write, save_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASURES = {"native": "C++ loop, s per image", "fast": "default sampler, s per image",
@@ -130,8 +130,8 @@ def main() -> None:
         sys.exit(f"error: {args.before} and {args.after} are the same commit: name two")
     results = run(*commits, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(results))
+    save_json(args.out.with_suffix(".json"), results)
+    atomic_write(args.out.with_suffix(".md"), markdown(results).encode())
     print(markdown(results))
 
 

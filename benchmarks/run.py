@@ -28,6 +28,7 @@ from pathlib import Path
 from benchmarks import codec, experiment64, memory, quality, sampling, throughput
 from benchmarks.report import machine, minutes_text, table
 from pipeline.__main__ import OneLineParser
+from pipeline.io import atomic_write, save_json
 
 PARTS = ("memory", "sampling", "throughput", "experiment64", "quality", "gpu")
 
@@ -219,8 +220,8 @@ def main() -> None:
                     "machine with one (bf16 mixed precision, torch.compile, MFU, sampling) and writes bench/gpu.json, "
                     "which this report then includes."}
     results["minutes_total"] = (time.perf_counter() - start) / 60
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    save_json(out / "results.json", results)
+    atomic_write(out / "results.md", markdown(results).encode())
     print(f"wrote {out / 'results.json'} and {out / 'results.md'} ({results['minutes_total']:.1f} minutes)")
 
 

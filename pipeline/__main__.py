@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline import Terminated, WorkerFailed
+from pipeline.interruption import CTRL_C, interrupt, reset, stopped, terminate
 from stages.plan import ORDER
 
 
@@ -102,27 +104,10 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
-def terminate(signum, frame):
-    """SIGTERM (a scheduler, `timeout`, a closing shell): stop as on Ctrl+C; a second SIGTERM ends at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated
-
-
-CTRL_C = []  # holds True once Ctrl+C has reached this command
-
-
-def interrupt(signum, frame):
-    """Ctrl+C: noted in CTRL_C, then KeyboardInterrupt as Python raises it. C code that catches the
-    KeyboardInterrupt and raises another error in its place (pyarrow inside `datasets` does) cannot
-    make a Ctrl+C look like a fault: `run` reports any error after one as the interruption."""
-    CTRL_C.append(True)
-    signal.default_int_handler(signum, frame)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     previous = signal.signal(signal.SIGTERM, terminate)
-    CTRL_C.clear()
+    reset()
     keyboard = signal.getsignal(signal.SIGINT)
     if keyboard is signal.default_int_handler:  # Ctrl+C ignored (a background job) stays ignored
         signal.signal(signal.SIGINT, interrupt)
@@ -167,13 +152,6 @@ def dispatch(args) -> None:
         run(args)
 
 
-def stopped(command: str) -> str:
-    """What a Ctrl+C that brought no message of its own (training's names the step) leaves of `command`."""
-    if command == "train":
-        return "train stopped by Ctrl+C; make the same target again to resume"
-    return f"{command} stopped by Ctrl+C; what it wrote before is as it was"
-
-
 def run(argv) -> int:
     if not sys.stderr.isatty():  # a log file: no redrawn progress bars from `datasets`
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -213,5 +191,23 @@ def run(argv) -> int:
     return 0
 
 
+def exit_with(status: int) -> None:
+    """End the process with `status` once the command is done. A Ctrl+C during the exit hooks (W&B's
+    stop its service) ends the process at once with that status, rather than raising inside a hook
+    (a traceback); `ignore_ctrl_c` then keeps one during Python's last second of teardown from killing
+    the process by SIGINT, which made a finished command look interrupted, with no line saying why."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
+    sys.exit(status)
+
+
+def ignore_ctrl_c() -> None:
+    """Ignore Ctrl+C from now on (Python leaves an ignored SIGINT so through its teardown)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    atexit.register(ignore_ctrl_c)  # registered before the libraries' hooks: it runs after them all
+    exit_with(main())

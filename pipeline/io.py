@@ -16,19 +16,25 @@ from filelock import FileLock
 from PIL import Image
 
 from data.images import ImageError, as_array, decode
+from pipeline.interruption import held, put_in_place
 
+_filling: list[Path] = []  # the temporary folders of the open folder_at_once blocks
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers see the old file or the new one.
-    A symbolic link is followed: its target gets the data, and the link stays."""
+    A symbolic link is followed: its target gets the data, and the link stays. Ctrl+C and SIGTERM wait
+    for the rename (`pipeline.interruption.held`)."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:
         partial.write_bytes(data)
-        os.replace(partial, path)
+        with held(f"writing {path.name}"):  # a Ctrl+C between the rename and the note would be reported wrong
+            os.replace(partial, path)
+            if not any(folder in path.parents for folder in _filling):
+                put_in_place(path)
     finally:
         partial.unlink(missing_ok=True)
 
@@ -39,20 +45,25 @@ def folder_at_once(path: str | Path):
     without an error: an interrupted command leaves the old folder whole, never a mix. A symbolic
     link is followed: the folder it points to is replaced, and the link stays. Processes writing one
     folder at once take turns to replace it (a lock file beside it, `.<name>.lock`, which stays):
-    the last one's folder is the one left."""
+    the last one's folder is the one left. Ctrl+C and SIGTERM wait for the two renames, which would
+    otherwise leave neither folder at `path` when they fall between them."""
     path = Path(path).resolve()
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    _filling.append(partial)
     try:
         yield partial
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        with FileLock(path.with_name(f".{path.name}.lock")):  # released by the system if this process dies
-            if path.exists():
-                os.replace(path, old)
-            os.replace(partial, path)
-        shutil.rmtree(old, ignore_errors=True)
+        with held(f"putting {path.name} in place"):
+            with FileLock(path.with_name(f".{path.name}.lock")):  # released by the system if this process dies
+                if path.exists():
+                    os.replace(path, old)
+                os.replace(partial, path)
+            put_in_place(path)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
+        _filling.remove(partial)
         shutil.rmtree(partial, ignore_errors=True)
 
 

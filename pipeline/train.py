@@ -30,6 +30,7 @@ from pipeline.checkpoints import AtomicCheckpointIO, load_stage, save_stage
 from pipeline.config import ConfigError, lightning_config, load_experiment, wandb_init_timeout
 from pipeline.inference.cascade import differences
 from pipeline.io import atomic_write
+from pipeline.interruption import held
 from pipeline.tracking import wandb_failure
 from stages import GEOMETRY, STAGES, geometry
 from stages.plan import cascade_stages
@@ -334,7 +335,8 @@ def fit_stage(cli, stage: str, run_dir: Path) -> Path:
     finally:
         import wandb
 
-        wandb.finish()  # also after an error: a later stage in this process must not log into this run
+        with held(f"closing the {stage}'s W&B run"):  # a Ctrl+C inside W&B was swallowed there, then hung
+            wandb.finish()  # also after an error: a later stage in this process must not log into this run
     if trainer.is_global_zero:
         print(f"{stage}: wrote {final}")
     return final

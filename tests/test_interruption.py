@@ -1,0 +1,145 @@
+"""Ctrl+C and SIGTERM (pipeline.interruption): a stop never lands between the renames that put an
+output in place or inside W&B, and the line that reports it says what the command had written."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_stages, save_cascade
+from pipeline import Terminated
+from pipeline.__main__ import main as cli
+from pipeline.interruption import WRITTEN, held, interrupt, reset, terminate
+from pipeline.io import folder_at_once
+from test_cli import SMOKE
+from test_evaluate import experiment_file
+from wandb_records import finished_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def handlers():
+    """The command line's handlers, as under `python -m pipeline`."""
+    reset()
+    before = signal.signal(signal.SIGINT, interrupt), signal.signal(signal.SIGTERM, terminate)
+    yield
+    signal.signal(signal.SIGINT, before[0])
+    signal.signal(signal.SIGTERM, before[1])
+    reset()
+
+
+def press_ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # the handler runs here, or raises here
+
+
+def test_a_stop_inside_a_held_step_waits_for_its_end_and_a_second_ctrl_c_does_not(handlers, capfd):
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with held("logging to W&B"):
+            press_ctrl_c()
+            done.append("the step went on")
+    assert done == ["the step went on"]
+    assert "Ctrl+C: stopping once logging to W&B is done (Ctrl+C again stops at once)" in capfd.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        with held("logging to W&B"):
+            press_ctrl_c()
+            press_ctrl_c()  # the user insists: W&B may hang
+            done.append("not reached")
+    assert done == ["the step went on"]
+    with pytest.raises(Terminated):
+        with held("writing grid.png"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            done.append("SIGTERM waits too")
+    assert done[-1] == "SIGTERM waits too"
+    with held("writing grid.png"):
+        pass  # nothing left over from the stops above
+    with pytest.raises(KeyboardInterrupt, match="already on its way"):
+        try:
+            raise KeyboardInterrupt("already on its way")
+        finally:  # a Ctrl+C in the clean-up of a stop: the first stop's message is kept
+            with held("closing the W&B run"):
+                press_ctrl_c()
+
+
+def test_a_ctrl_c_between_the_renames_of_an_output_folder_leaves_the_new_folder_whole(tmp_path, handlers,
+                                                                                      monkeypatch):
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / "grid.png").write_text("old")
+    rename, renames = os.replace, []
+
+    def rename_then_ctrl_c(source, target):
+        rename(source, target)
+        renames.append(target)
+        if len(renames) == 1:
+            press_ctrl_c()  # after the old folder moved aside, before the new one takes its place
+
+    monkeypatch.setattr(os, "replace", rename_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with folder_at_once(out) as folder:
+            (folder / "grid.png").write_text("new")
+    monkeypatch.undo()
+    assert (out / "grid.png").read_text() == "new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".samples.lock", "samples"]  # nothing .old or .partial
+    assert WRITTEN == [out.resolve()]
+
+
+def test_a_ctrl_c_while_sample_logs_to_wandb_is_reported_after_the_outputs_it_wrote(tmp_path, monkeypatch, capsys,
+                                                                                   ctrl_c):
+    """It fell inside W&B or `logging`: swallowed there (the process then hung on a lock) or reported as
+    'what it wrote before is as it was' though the new samples were in place."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    save_cascade(make_stages(**SMOKE), run_dir)
+    start = wandb.init
+
+    def init_hit_by_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init_hit_by_ctrl_c)
+    assert cli(["sample", "--exp", str(experiment_file(tmp_path, SMOKE)), "--run-dir", str(run_dir), "--n", "2"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: sample stopped by Ctrl+C after it had written {run_dir.resolve() / 'samples'} (complete)")
+    assert sorted(path.name for path in (run_dir / "samples").iterdir()) == [
+        "grid.png", "growth.gif", "growth.png", "samples.npz"]
+    assert len(finished_runs(run_dir)) == 1  # the W&B run was finished, not cut off
+
+
+EXIT_HOOK = """
+import atexit, os, signal, sys, time, runpy
+import pipeline.interruption
+
+def library_exit_hook():  # as W&B's: it runs as Python exits, after the command is done
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    print("the exit hook went on", file=sys.stderr)
+
+if sys.argv[1] == "during the exit hooks":  # registered after the command line's own hook
+    start = pipeline.interruption.reset
+    pipeline.interruption.reset = lambda: (start(), atexit.register(library_exit_hook))
+else:  # registered before it, so run after it: as Python's last second of teardown
+    atexit.register(library_exit_hook)
+sys.argv = ["pipeline", "stages", "--exp", "smoke"]
+runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["during the exit hooks", "after them"])
+def test_a_ctrl_c_after_a_command_is_done_ends_it_with_its_own_status_and_no_traceback(when):
+    done = subprocess.run([sys.executable, "-c", EXIT_HOOK, when], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "disabled"},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 0, done.stderr[-2000:]  # not killed by SIGINT, not 130: the command had finished
+    assert done.stdout.split() == ["first_slice", "size_spn", "depth_spn"]
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr[-2000:]
+    assert ("the exit hook went on" in done.stderr) == (when == "after them")  # at once: the command was done
