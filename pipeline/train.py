@@ -215,6 +215,29 @@ def check_run_geometry(model, run_dir: Path) -> None:
                               f"RUN_DIR, or retrain the whole cascade with the new settings (make clean train-all)")
 
 
+@contextmanager
+def startup_lines_kept():
+    """Keep Lightning's lines of a stage's start ('Seed set to 0', 'GPU available: ...') until the block
+    ends, and show them only if it ends without an error: a start refused shows its one line alone."""
+    kept = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            kept.append(record)
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]  # Lightning's own
+    handlers = [logger.handlers for logger in loggers]
+    for logger in loggers:
+        logger.handlers = [Keep()]
+    try:
+        yield
+    finally:
+        for logger, own in zip(loggers, handlers):
+            logger.handlers = own
+    for record in kept:
+        logging.getLogger(record.name).handle(record)
+
+
 def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: list[str] = ()) -> Path:
     """Train (or resume) one stage of experiment `exp` in `run_dir`; return the final checkpoint path.
     `overrides` are LightningCLI arguments. Raises ConfigError (a ValueError) for bad settings,
@@ -230,7 +253,8 @@ def train_stage(exp: str | None, stage: str, run_dir: str | Path, overrides: lis
     made = [folder for folder in (work.parent, run_dir) if not folder.exists()]
     with alone(work, stage, run_dir) as fresh:
         try:
-            cli = prepare_stage(exp, experiment, stage, run_dir, config, overrides)
+            with startup_lines_kept():
+                cli = prepare_stage(exp, experiment, stage, run_dir, config, overrides)
         except (ValueError, OSError, SystemExit):  # SystemExit: LightningCLI's --print_config, done
             if fresh:
                 undo_start(work, made)
