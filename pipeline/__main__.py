@@ -196,10 +196,10 @@ def exit_with(status: int) -> None:
     stop its service) ends the process at once with that status, rather than raising inside a hook
     (a traceback); `ignore_ctrl_c` then keeps one during Python's last second of teardown from killing
     the process by SIGINT, which made a finished command look interrupted, with no line saying why."""
-    sys.stdout.flush()
-    sys.stderr.flush()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
+    sys.stdout.flush()
+    sys.stderr.flush()
     sys.exit(status)
 
 
@@ -210,4 +210,9 @@ def ignore_ctrl_c() -> None:
 
 if __name__ == "__main__":
     atexit.register(ignore_ctrl_c)  # registered before the libraries' hooks: it runs after them all
-    exit_with(main())
+    status = 130
+    try:
+        status = main()
+    except KeyboardInterrupt:  # in the instant between main's own handling and exit_with's
+        pass
+    exit_with(status)

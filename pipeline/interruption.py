@@ -13,60 +13,73 @@ from pathlib import Path
 from pipeline import Terminated
 
 CTRL_C: list[bool] = []  # holds True once Ctrl+C has reached this command
-WRITTEN: list[Path] = []  # the outputs this command has put in place, in order
-_held: list[str] = []  # what the open held() blocks are doing, outermost first
+WRITTEN: list[Path] = []  # the outputs this command has put in place, in order, as the command named them
+_held: list[tuple[str, bool]] = []  # (what, firm) of the open held() blocks, outermost first
 _pending: list[type[BaseException]] = []  # the stop that arrived inside them, raised when the outermost ends
+
+
+def _say(line: str) -> None:
+    """One line on stderr from a signal handler: os.write, which buffers nothing that the interrupted code
+    may be in the middle of; a closed or broken stderr (`| tee` ended by the same Ctrl+C) is let be."""
+    try:
+        os.write(2, f"\n{line}\n".encode())
+    except OSError:
+        pass
+
+
+def _hold(stop: type[BaseException], name: str) -> bool:
+    """Note `stop` as pending when a held() block is open; whether it was (or is to be) held."""
+    if not _held:
+        return False
+    firm = any(firm for _, firm in _held)
+    if not _pending:
+        _pending.append(stop)
+        again = "" if firm else f" ({name} again stops at once)"
+        _say(f"{name}: stopping once {_held[0][0]} is done{again}")
+        return True
+    return firm  # a second one: at once, except in the instant of a rename
 
 
 def interrupt(signum, frame):
     """SIGINT handler (Ctrl+C): noted in CTRL_C, then KeyboardInterrupt as Python raises it, or, inside
-    `held()`, when the block ends (a second Ctrl+C there raises at once). C code that catches the
-    KeyboardInterrupt and raises another error in its place (pyarrow inside `datasets` does) cannot
-    make a Ctrl+C look like a fault: the command line reports any error after one as the interruption."""
+    `held()`, when the block ends (a second Ctrl+C there raises at once, unless the block is firm). C code
+    that catches the KeyboardInterrupt and raises another error in its place (pyarrow inside `datasets`
+    does) cannot make a Ctrl+C look like a fault: the command line reports any error after one as the
+    interruption."""
     CTRL_C.append(True)
-    if _held and not _pending:
-        _pending.append(KeyboardInterrupt)
-        os.write(2, f"\nCtrl+C: stopping once {_held[0]} is done (Ctrl+C again stops at once)\n".encode())
-        return
-    signal.default_int_handler(signum, frame)
+    if not _hold(KeyboardInterrupt, "Ctrl+C"):
+        signal.default_int_handler(signum, frame)
 
 
 def terminate(signum, frame):
     """SIGTERM handler (a scheduler, `timeout`, a closing shell): stop as on Ctrl+C, raising Terminated
     (inside `held()`, when the block ends); a second SIGTERM ends the process at once."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if _held and not _pending:
-        _pending.append(Terminated)
-        return
-    raise Terminated
+    if not _hold(Terminated, "SIGTERM"):
+        raise Terminated
 
 
 @contextmanager
-def held(doing: str):
+def held(doing: str, firm: bool = False):
     """Run the block to its end even if Ctrl+C or SIGTERM arrives (when `interrupt` and `terminate`
-    are the handlers, as under `python -m pipeline`); the stop is raised when the block ends without an
-    error of its own. `doing` names the step in the one line printed meanwhile, e.g. 'logging to W&B'."""
-    _held.append(doing)
+    are the handlers, as under `python -m pipeline`; otherwise nothing changes); the stop is raised when
+    the outermost block ends, in place of an error of the block's own (a stop already on its way out is
+    left to say it). A second Ctrl+C stops at once, unless `firm` (for renames: an instant, and cutting
+    them would lose an output). `doing` names the step in the one line printed meanwhile, e.g.
+    'logging the sample run to W&B'."""
+    _held.append((doing, firm))
     try:
         yield
     finally:
         _held.pop()
         stop = _pending.pop() if _pending and not _held else None
-    if stop is not None and not isinstance(sys.exc_info()[1], (KeyboardInterrupt, Terminated)):
-        raise stop  # (in a `finally` run by a stop on its way out, that stop says it already)
+        if stop is not None and not isinstance(sys.exc_info()[1], (KeyboardInterrupt, Terminated)):
+            raise stop
 
 
-def put_in_place(path: Path) -> None:
-    """Note that the output `path` is now complete where the user looks for it (see `stopped`)."""
+def put_in_place(path: str | Path) -> None:
+    """Note that the output `path` (as the command named it) is now complete (see `stopped`)."""
     WRITTEN.append(Path(path))
-
-
-def shown(path: Path) -> str:
-    """`path` relative to the working folder when it lies below it, as the user typed it most likely."""
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def stopped(command: str) -> str:
@@ -75,7 +88,7 @@ def stopped(command: str) -> str:
         return "train stopped by Ctrl+C; make the same target again to resume"
     if not WRITTEN:
         return f"{command} stopped by Ctrl+C; what it wrote before is as it was"
-    names = list(dict.fromkeys(shown(path) for path in WRITTEN))
+    names = list(dict.fromkeys(str(path) for path in WRITTEN))
     listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f"{command} stopped by Ctrl+C after it had written {listed} (complete)"
 

@@ -25,16 +25,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers see the old file or the new one.
     A symbolic link is followed: its target gets the data, and the link stays. Ctrl+C and SIGTERM wait
-    for the rename (`pipeline.interruption.held`)."""
-    path = Path(path).resolve()
+    for the rename (`pipeline.interruption.held`, firm)."""
+    named, path = path, Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     try:
         partial.write_bytes(data)
-        with held(f"writing {path.name}"):  # a Ctrl+C between the rename and the note would be reported wrong
+        with held(f"writing {path.name}", firm=True):  # a stop between rename and note would be reported wrong
             os.replace(partial, path)
             if not any(folder in path.parents for folder in _filling):
-                put_in_place(path)
+                put_in_place(named)
     finally:
         partial.unlink(missing_ok=True)
 
@@ -45,9 +45,9 @@ def folder_at_once(path: str | Path):
     without an error: an interrupted command leaves the old folder whole, never a mix. A symbolic
     link is followed: the folder it points to is replaced, and the link stays. Processes writing one
     folder at once take turns to replace it (a lock file beside it, `.<name>.lock`, which stays):
-    the last one's folder is the one left. Ctrl+C and SIGTERM wait for the two renames, which would
-    otherwise leave neither folder at `path` when they fall between them."""
-    path = Path(path).resolve()
+    the last one's folder is the one left. Ctrl+C and SIGTERM wait for the two renames (all of them: a
+    stop between them would leave neither folder at `path`), not for the lock."""
+    named, path = path, Path(path).resolve()
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -55,13 +55,13 @@ def folder_at_once(path: str | Path):
     try:
         yield partial
         old = path.with_name(f"{path.name}.old-{os.getpid()}")
-        with held(f"putting {path.name} in place"):
-            with FileLock(path.with_name(f".{path.name}.lock")):  # released by the system if this process dies
+        with FileLock(path.with_name(f".{path.name}.lock")):  # released by the system if this process dies
+            with held(f"putting {path.name} in place", firm=True):
                 if path.exists():
                     os.replace(path, old)
                 os.replace(partial, path)
-            put_in_place(path)
-            shutil.rmtree(old, ignore_errors=True)
+                put_in_place(named)
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         _filling.remove(partial)
         shutil.rmtree(partial, ignore_errors=True)

@@ -226,14 +226,14 @@ def startup_lines_kept():
             kept.append(record)
 
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]  # Lightning's own
-    handlers = [logger.handlers for logger in loggers]
-    for logger in loggers:
-        logger.handlers = [Keep()]
+    before = [(logger.handlers, logger.propagate) for logger in loggers]
+    for logger in loggers:  # nor passed up: with logging set up before Lightning, its loggers have no handler
+        logger.handlers, logger.propagate = [Keep()], False
     try:
         yield
     finally:
-        for logger, own in zip(loggers, handlers):
-            logger.handlers = own
+        for logger, (handlers, propagate) in zip(loggers, before):
+            logger.handlers, logger.propagate = handlers, propagate
     for record in kept:
         logging.getLogger(record.name).handle(record)
 
@@ -343,6 +343,7 @@ def fit_stage(cli, stage: str, run_dir: Path) -> Path:
     final = run_dir / "checkpoints" / f"{stage}.ckpt"
     if trainer.is_global_zero:
         atomic_write(run_dir / "config" / f"{stage}.yaml", cli.parser.dump(cli.config, skip_none=False).encode())
+    trained = False
     try:
         try:
             trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
@@ -356,11 +357,18 @@ def fit_stage(cli, stage: str, run_dir: Path) -> Path:
             trainer.validate(model, datamodule=data, verbose=False)  # val/bpd at the final weights
         if trainer.is_global_zero:
             save_stage(model, final, trainer.global_step)  # weights and hyperparameters only, written atomically
+        trained = True
     finally:
         import wandb
 
-        with held(f"closing the {stage}'s W&B run"):  # a Ctrl+C inside W&B was swallowed there, then hung
-            wandb.finish()  # also after an error: a later stage in this process must not log into this run
+        try:
+            with held(f"closing the {stage}'s W&B run"):  # a Ctrl+C inside W&B was swallowed there, then hung
+                wandb.finish()  # also after an error: a later stage in this process must not log into this run
+        except KeyboardInterrupt as stop:  # held until W&B was done: after the stage was written, perhaps
+            if str(stop) or not trained:
+                raise
+            raise KeyboardInterrupt(f"{stage} stopped by Ctrl+C after it had written {final} (complete): make the "
+                                    f"same target again to go on") from None
     if trainer.is_global_zero:
         print(f"{stage}: wrote {final}")
     return final

@@ -51,12 +51,24 @@ def test_a_stop_inside_a_held_step_waits_for_its_end_and_a_second_ctrl_c_does_no
             press_ctrl_c()  # the user insists: W&B may hang
             done.append("not reached")
     assert done == ["the step went on"]
+    with pytest.raises(KeyboardInterrupt):
+        with held("putting samples in place", firm=True):
+            press_ctrl_c()
+            press_ctrl_c()  # a rename's instant: not even a second Ctrl+C cuts it
+            done.append("firm")
+    assert done[-1] == "firm"
     with pytest.raises(Terminated):
         with held("writing grid.png"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
             done.append("SIGTERM waits too")
     assert done[-1] == "SIGTERM waits too"
+    signal.signal(signal.SIGTERM, terminate)  # (a SIGTERM sets the default back, for a second one to end at once)
+    with pytest.raises(Terminated):  # not the step's own error: the command says it was terminated (143)
+        with held("logging to W&B"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            raise ValueError("W&B failed meanwhile")
     with held("writing grid.png"):
         pass  # nothing left over from the stops above
     with pytest.raises(KeyboardInterrupt, match="already on its way"):
@@ -72,22 +84,24 @@ def test_a_ctrl_c_between_the_renames_of_an_output_folder_leaves_the_new_folder_
     out = tmp_path / "samples"
     out.mkdir()
     (out / "grid.png").write_text("old")
-    rename, renames = os.replace, []
+    rename = os.replace
 
     def rename_then_ctrl_c(source, target):
         rename(source, target)
-        renames.append(target)
-        if len(renames) == 1:
-            press_ctrl_c()  # after the old folder moved aside, before the new one takes its place
+        press_ctrl_c()  # after the old folder moved aside, before the new one takes its place; twice
+
+    def stderr_gone(fd, data):  # `make sample 2>&1 | tee log`: the Ctrl+C ended tee too
+        raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr(os, "replace", rename_then_ctrl_c)
+    monkeypatch.setattr(os, "write", stderr_gone)
     with pytest.raises(KeyboardInterrupt):
         with folder_at_once(out) as folder:
             (folder / "grid.png").write_text("new")
     monkeypatch.undo()
     assert (out / "grid.png").read_text() == "new"
     assert sorted(path.name for path in tmp_path.iterdir()) == [".samples.lock", "samples"]  # nothing .old or .partial
-    assert WRITTEN == [out.resolve()]
+    assert WRITTEN == [out]
 
 
 def test_a_ctrl_c_while_sample_logs_to_wandb_is_reported_after_the_outputs_it_wrote(tmp_path, monkeypatch, capsys,
@@ -109,10 +123,33 @@ def test_a_ctrl_c_while_sample_logs_to_wandb_is_reported_after_the_outputs_it_wr
     monkeypatch.setattr(wandb, "init", init_hit_by_ctrl_c)
     assert cli(["sample", "--exp", str(experiment_file(tmp_path, SMOKE)), "--run-dir", str(run_dir), "--n", "2"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"interrupted: sample stopped by Ctrl+C after it had written {run_dir.resolve() / 'samples'} (complete)")
+        f"interrupted: sample stopped by Ctrl+C after it had written {run_dir / 'samples'} (complete)")
     assert sorted(path.name for path in (run_dir / "samples").iterdir()) == [
         "grid.png", "growth.gif", "growth.png", "samples.npz"]
     assert len(finished_runs(run_dir)) == 1  # the W&B run was finished, not cut off
+
+
+def test_a_ctrl_c_while_training_closes_its_wandb_run_says_the_stage_was_written(tmp_path, monkeypatch, capsys,
+                                                                                 ctrl_c):
+    """Not 'make the same target again to resume': the stage's checkpoint was already written."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    finish = wandb.finish
+
+    def finish_hit_by_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "finish", finish_hit_by_ctrl_c)
+    assert cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice",
+                "--trainer.max_steps=2"]) == 130
+    final = tmp_path / "checkpoints" / "first_slice.ckpt"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: first_slice stopped by Ctrl+C after it had written {final} (complete): make the same target "
+        f"again to go on")
+    assert final.exists()
 
 
 EXIT_HOOK = """

@@ -245,6 +245,20 @@ def test_a_negative_learning_rate_is_refused_in_one_line_before_the_run_folder_i
     assert not (tmp_path / "run").exists()
 
 
+def test_a_refused_start_is_its_one_line_also_when_logging_was_set_up_before_lightning(tmp_path):
+    """A program that sets up `logging` first (root handler): Lightning then gives its loggers none of their
+    own and passes their lines up, which must not show 'Seed set to 0' before the error either."""
+    script = ("import logging, sys; logging.basicConfig(format='%(message)s', level=logging.INFO)\n"
+              "from pipeline.train import train_stage\n"
+              "try:\n"
+              f"    train_stage('smoke', 'first_slice', {str(tmp_path)!r}, ['--model.lr=-1'])\n"
+              "except ValueError as error:\n"
+              "    print(f'error: {error}', file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert done.stderr.strip() == "error: lr=-1.0: the learning rate is a number of 0 or more, such as 4e-3"
+
+
 def test_the_divergence_error_names_the_given_learning_rate_at_any_step():
     # where a too-high rate first overflows (step 2 at the full rate, step 4 partway down the cosine)
     # depends on the CPU's float kernels: the error names the rate --model.lr gave, whichever step it is
