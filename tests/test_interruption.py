@@ -37,6 +37,14 @@ def press_ctrl_c():
     time.sleep(0.05)  # the handler runs here, or raises here
 
 
+def hit_by_ctrl_c(function):
+    """`function`, with a Ctrl+C arriving as it starts."""
+    def hit(*args, **kwargs):
+        press_ctrl_c()
+        return function(*args, **kwargs)
+    return hit
+
+
 def test_a_stop_inside_a_held_step_waits_for_its_end_and_a_second_ctrl_c_does_not(handlers, capfd):
     done = []
     with pytest.raises(KeyboardInterrupt):
@@ -113,14 +121,7 @@ def test_a_ctrl_c_while_sample_logs_to_wandb_is_reported_after_the_outputs_it_wr
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "run"
     save_cascade(make_stages(**SMOKE), run_dir)
-    start = wandb.init
-
-    def init_hit_by_ctrl_c(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        return start(*args, **kwargs)
-
-    monkeypatch.setattr(wandb, "init", init_hit_by_ctrl_c)
+    monkeypatch.setattr(wandb, "init", hit_by_ctrl_c(wandb.init))
     assert cli(["sample", "--exp", str(experiment_file(tmp_path, SMOKE)), "--run-dir", str(run_dir), "--n", "2"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"interrupted: sample stopped by Ctrl+C after it had written {run_dir / 'samples'} (complete)")
@@ -135,14 +136,7 @@ def test_a_ctrl_c_while_training_closes_its_wandb_run_says_the_stage_was_written
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    finish = wandb.finish
-
-    def finish_hit_by_ctrl_c(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        return finish(*args, **kwargs)
-
-    monkeypatch.setattr(wandb, "finish", finish_hit_by_ctrl_c)
+    monkeypatch.setattr(wandb, "finish", hit_by_ctrl_c(wandb.finish))
     assert cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice",
                 "--trainer.max_steps=2"]) == 130
     final = tmp_path / "checkpoints" / "first_slice.ckpt"
