@@ -63,6 +63,8 @@ endif
 # `make install` the command cannot run: then all three, and train-all asks again after installing.
 STAGES := $(shell $(PIPELINE) stages --exp $(EXP) 2>/dev/null || echo first_slice size_spn depth_spn)
 STAGE_CKPTS := $(foreach s,$(STAGES),$(CKPT)/$(s).ckpt)
+# a stage's checkpoint is written whole (write, then rename): a Ctrl+C after it must not make make delete it
+.PRECIOUS: $(STAGE_CKPTS)
 
 .PHONY: help install test test-fast demo data train-all train-first train-size train-depth sample evaluate quality \
         upscale deepen compress decompress bench clean

@@ -104,6 +104,16 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
+def report(line: str) -> None:
+    """The command's last line, on stderr. A stderr that is gone (`2>&1 | tee log`, the tee ended by the
+    same Ctrl+C) is pointed at /dev/null instead, so that neither this line nor Python's flushing at exit
+    turns the command's exit status into 1 or 120."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     previous = signal.signal(signal.SIGTERM, terminate)
@@ -114,8 +124,7 @@ def main(argv=None) -> int:
     try:
         return run(argv)
     except Terminated:
-        print("terminated (SIGTERM)" + ("; make the same target again to resume" if argv[:1] == ["train"] else ""),
-              file=sys.stderr)
+        report("terminated (SIGTERM)" + ("; make the same target again to resume" if argv[:1] == ["train"] else ""))
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -169,24 +178,23 @@ def run(argv) -> int:
                 raise
             raise KeyboardInterrupt(stopped(args.command)) from error
     except (ValueError, OSError) as error:  # a user's mistake or a missing file, network or disk: one line
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        report(f"error: {one_line(error)}")
         return 2
     except ImportError as error:
-        print(f"error: {one_line(error)}: install the project's packages with `make install`", file=sys.stderr)
+        report(f"error: {one_line(error)}: install the project's packages with `make install`")
         return 2
     except WorkerFailed as error:  # killed for memory, most likely, when killed
         remedy = f"; if so, {LESS_MEMORY.get(args.command, 'free memory')}" if "memory" in str(error) else ""
-        print(f"error: {one_line(error)}{remedy}", file=sys.stderr)
+        report(f"error: {one_line(error)}{remedy}")
         return 1
     except (MemoryError, RuntimeError) as error:
         asked = out_of_memory(error)
         if asked is None:
             raise
-        print(f"error: out of memory{f' ({asked})' if asked else ''}: {LESS_MEMORY.get(args.command, 'free memory')}",
-              file=sys.stderr)
+        report(f"error: out of memory{f' ({asked})' if asked else ''}: {LESS_MEMORY.get(args.command, 'free memory')}")
         return 1
     except KeyboardInterrupt as stop:
-        print(f"interrupted: {str(stop) or stopped(args.command)}", file=sys.stderr)
+        report(f"interrupted: {str(stop) or stopped(args.command)}")
         return 130
     return 0
 
@@ -198,8 +206,11 @@ def exit_with(status: int) -> None:
     the process by SIGINT, which made a finished command look interrupted, with no line saying why."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # gone, as in `report`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     sys.exit(status)
 
 

@@ -450,3 +450,12 @@ def test_a_ctrl_c_that_c_code_turns_into_another_error_is_still_an_interruption(
     monkeypatch.setattr("pipeline.train.main", lambda args: (_ for _ in ()).throw(ValueError("a real mistake")))
     assert cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice"]) == 2  # no Ctrl+C
     assert capsys.readouterr().err.strip() == "error: a real mistake"
+
+
+def test_make_keeps_a_written_checkpoint_when_stopped():
+    """A Ctrl+C or SIGTERM just after a stage's checkpoint was written (whole, by a rename) made make delete
+    it (.DELETE_ON_ERROR: the target was newer): the trained stage was lost."""
+    database = make("-pn", "EXP=smoke", "RUN_DIR=runs/precious", "train-all").stdout
+    precious = next(line for line in database.splitlines() if line.startswith(".PRECIOUS:")).split()[1:]
+    stages = ("first_slice", "size_spn", "depth_spn")
+    assert {f"runs/precious/checkpoints/{stage}.ckpt" for stage in stages} <= set(precious)

@@ -1,5 +1,6 @@
 """Ctrl+C and SIGTERM (pipeline.interruption): a stop never lands between the renames that put an
 output in place or inside W&B, and the line that reports it says what the command had written."""
+import io
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_stages, save_cascade
 from pipeline import Terminated
@@ -112,6 +114,21 @@ def test_a_ctrl_c_between_the_renames_of_an_output_folder_leaves_the_new_folder_
     assert WRITTEN == [out]
 
 
+FORK_HIT = []  # armed: the next fork's first hook is hit by a Ctrl+C
+os.register_at_fork(before=lambda: FORK_HIT and (FORK_HIT.clear(), press_ctrl_c()))
+
+
+def test_a_ctrl_c_while_worker_processes_start_stops_the_command(handlers):
+    """It fell inside fork's hooks (`logging`'s among them): swallowed there, with `logging`'s lock left
+    taken, so the command wrote new outputs after the Ctrl+C and then hung in W&B."""
+    from pipeline.inference.processes import in_processes
+    from pipeline.progress import PlainBar
+
+    FORK_HIT.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        in_processes(lambda items, counter: torch.zeros(1), range(3), PlainBar(3, stream=io.StringIO()), workers=3)
+
+
 def test_a_ctrl_c_while_sample_logs_to_wandb_is_reported_after_the_outputs_it_wrote(tmp_path, monkeypatch, capsys,
                                                                                    ctrl_c):
     """It fell inside W&B or `logging`: swallowed there (the process then hung on a lock) or reported as
@@ -174,3 +191,15 @@ def test_a_ctrl_c_after_a_command_is_done_ends_it_with_its_own_status_and_no_tra
     assert done.stdout.split() == ["first_slice", "size_spn", "depth_spn"]
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr[-2000:]
     assert ("the exit hook went on" in done.stderr) == (when == "after them")  # at once: the command was done
+
+
+def test_the_last_line_on_a_stderr_that_is_gone_leaves_the_exit_status_as_it_is(tmp_path):
+    """`make sample 2>&1 | tee log`, the tee ended by the same Ctrl+C: the line cannot be written, and the
+    status must still say what happened (here 2, a user's mistake), not 1 or 120 for the lost line."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone
+    done = subprocess.run([sys.executable, "-m", "pipeline", "sample", "--exp", "smoke", "--run-dir", str(tmp_path)],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=write,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    os.close(write)
+    assert done.returncode == 2

@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from pipeline import WorkerFailed
+from pipeline.interruption import held
 
 PATIENCE = 60.0  # seconds: a child that shows no progress for longer (and 10x this process's share) hangs
 
@@ -73,8 +74,10 @@ def in_processes(job, items, progress, device="cpu", workers: int | None = None)
         with warnings.catch_warnings():  # Python >= 3.12 warns of fork in a process with threads (torch's);
             # the children only run torch with threads of their own, as a DataLoader's workers do
             warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
-            for child in children:
-                child.start()
+            # a stop inside fork's hooks was swallowed there, leaving `logging`'s lock taken: the command went
+            with held("starting the worker processes", firm=True):  # on and then hung in W&B's logging
+                for child in children:
+                    child.start()
         started = time.monotonic()
         torch.set_num_threads(threads)
         try:
