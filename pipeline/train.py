@@ -30,7 +30,7 @@ from pipeline.checkpoints import AtomicCheckpointIO, load_stage, save_stage
 from pipeline.config import ConfigError, lightning_config, load_experiment, wandb_init_timeout
 from pipeline.inference.cascade import differences
 from pipeline.io import atomic_write
-from pipeline.interruption import held
+from pipeline.interruption import CTRL_C, held
 from pipeline.tracking import wandb_failure
 from stages import GEOMETRY, STAGES, geometry
 from stages.plan import cascade_stages
@@ -350,6 +350,10 @@ def fit_stage(cli, stage: str, run_dir: Path) -> Path:
         except SystemExit:  # Lightning's answer to Ctrl+C, after its graceful shutdown
             if not trainer.interrupted:
                 raise
+        except Exception as error:  # a Ctrl+C that C code (pyarrow, reading the data) turned into its own error
+            if not CTRL_C:
+                raise
+            raise KeyboardInterrupt(interruption(stage, trainer.global_step, last)) from error
         if trainer.interrupted:
             raise KeyboardInterrupt(interruption(stage, trainer.global_step, last))
         interval = trainer.val_check_interval  # in steps (an int) when validation does not follow epochs

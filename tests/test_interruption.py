@@ -163,6 +163,29 @@ def test_a_ctrl_c_while_training_closes_its_wandb_run_says_the_stage_was_written
     assert final.exists()
 
 
+def test_a_ctrl_c_that_c_code_turns_into_an_error_while_training_still_names_the_step(tmp_path, monkeypatch,
+                                                                                     capsys, ctrl_c):
+    """pyarrow, reading a batch, raises its own error in place of the KeyboardInterrupt: the line still
+    says where training stopped and what resuming starts from, not a bare 'train stopped by Ctrl+C'."""
+    from data.datamodule import SubscaleDataModule
+
+    collate, batches = SubscaleDataModule.collate, []
+
+    def collate_hit_by_ctrl_c(self, batch):
+        batches.append(batch)
+        if len(batches) == 8:
+            try:
+                press_ctrl_c()
+            except KeyboardInterrupt:
+                raise ValueError("Schema at index 2 was different") from None  # what pyarrow made of one
+        return collate(self, batch)
+
+    monkeypatch.setattr(SubscaleDataModule, "collate", collate_hit_by_ctrl_c)
+    assert cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice",
+                "--trainer.max_steps=100"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: first_slice stopped at step ")
+
+
 EXIT_HOOK = """
 import atexit, os, signal, sys, time, runpy
 import pipeline.interruption
