@@ -111,7 +111,15 @@ def report(line: str) -> None:
     try:
         print(line, file=sys.stderr, flush=True)
     except OSError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        to_devnull(sys.stderr)
+
+
+def to_devnull(stream) -> None:
+    """Point `stream`'s file descriptor at /dev/null (its reader is gone), so later writes and flushes
+    to it succeed and lose nothing anyone could read."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def main(argv=None) -> int:
@@ -210,7 +218,7 @@ def exit_with(status: int) -> None:
         try:
             stream.flush()
         except OSError:  # gone, as in `report`
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            to_devnull(stream)
     sys.exit(status)
 
 
