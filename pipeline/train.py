@@ -96,8 +96,9 @@ def changed_settings(last: Path, model, data) -> list[str]:
     for what, now in (("hyper_parameters", model.hparams), ("datamodule_hyper_parameters", data.hparams)):
         before = saved.get(what, {})
         for key in sorted((set(before) | set(now)) - FREE_TO_CHANGE):
-            if before.get(key) != now.get(key):
-                changes.append(f"{key}: {before.get(key)} -> {now.get(key)}")
+            change = f"{key}: {before.get(key)} -> {now.get(key)}"
+            if before.get(key) != now.get(key) and change not in changes:  # image_size is in both sections
+                changes.append(change)
     return changes
 
 

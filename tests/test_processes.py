@@ -43,6 +43,22 @@ def test_shares_come_back_in_order_with_their_progress():
     assert bar.n == 1 + 2 + 3
 
 
+def test_a_plain_bar_gives_each_count_once():
+    """Its last periodic line fell on the final count, and closing it printed the same count again."""
+    stream = io.StringIO()
+    bar = PlainBar(4, desc="evaluating test", unit="image", seconds=0.0, stream=stream)
+    bar.update(2)
+    bar.update(2)
+    bar.close()
+    assert [line.split(",")[0] for line in stream.getvalue().splitlines()] == [
+        "evaluating test: 2/4 images", "evaluating test: 4/4 images"]
+    quiet = io.StringIO()
+    bar = PlainBar(4, desc="evaluating test", unit="image", seconds=3600.0, stream=quiet)
+    bar.update(4)
+    bar.close()  # nothing shown yet: the end is shown once
+    assert quiet.getvalue().count("4/4 images") == 1
+
+
 def test_items_are_cut_into_contiguous_shares_one_per_process():
     shares = in_processes(lambda items, counter: torch.tensor(list(items)), range(7), progress_bar(disable=True),
                           workers=3)

@@ -304,6 +304,17 @@ def test_changed_settings_set_the_old_checkpoint_aside(tmp_path):
     assert yaml.safe_load((tmp_path / "config" / "size_spn.yaml").read_text())["model"]["width"] == 24  # ARGS kept
 
 
+def test_a_setting_of_both_the_model_and_the_data_is_named_once(tmp_path):
+    """image_size is a model and a data setting: the set-aside line named its change twice."""
+    from types import SimpleNamespace
+
+    from pipeline.train import changed_settings
+    torch.save({"hyper_parameters": {"image_size": 8, "width": 16}, "datamodule_hyper_parameters": {"image_size": 8}},
+               tmp_path / "last.ckpt")
+    now = SimpleNamespace(hparams={"image_size": 12, "width": 16}), SimpleNamespace(hparams={"image_size": 12})
+    assert changed_settings(tmp_path / "last.ckpt", *now) == ["image_size: 8 -> 12"]
+
+
 def test_a_stage_with_init_from_starts_from_the_trained_decoder_only_when_it_starts_afresh(tmp_path):
     """init_from: first_slice: a fresh size SPN takes the trained first-slice decoder's weights (at learning
     rate 0 they stay so); a resumed one keeps its own; without the first slice's checkpoint, one line."""
