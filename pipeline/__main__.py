@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline import Terminated, WorkerFailed
-from pipeline.interruption import CTRL_C, interrupt, reset, stopped, terminate
+from pipeline.interruption import CTRL_C, interrupt, reset, stopped, terminate, terminated
 from stages.plan import ORDER
 
 
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGINT, interrupt)
     try:
         return run(argv)
-    except Terminated:
-        report("terminated (SIGTERM)" + ("; make the same target again to resume" if argv[:1] == ["train"] else ""))
+    except Terminated as stop:
+        report(str(stop) or terminated(argv[0] if argv else "pipeline"))
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)

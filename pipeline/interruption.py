@@ -82,15 +82,27 @@ def put_in_place(path: str | Path) -> None:
     WRITTEN.append(Path(path))
 
 
+def written() -> str:
+    """The outputs this command has put in place, as its stop line names them ('' for none)."""
+    names = list(dict.fromkeys(str(path) for path in WRITTEN))
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def stopped(command: str) -> str:
     """What a Ctrl+C that brought no message of its own (training's names the step) leaves of `command`."""
     if command == "train":
         return "train stopped by Ctrl+C; make the same target again to resume"
     if not WRITTEN:
         return f"{command} stopped by Ctrl+C; what it wrote before is as it was"
-    names = list(dict.fromkeys(str(path) for path in WRITTEN))
-    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return f"{command} stopped by Ctrl+C after it had written {listed} (complete)"
+    return f"{command} stopped by Ctrl+C after it had written {written()} (complete)"
+
+
+def terminated(command: str) -> str:
+    """The line for a SIGTERM that brought no message of its own (a trained stage's names its checkpoint) and
+    stopped `command`: it names the outputs the command had put in place, as on Ctrl+C."""
+    if command == "train":
+        return "terminated (SIGTERM); make the same target again to resume"
+    return "terminated (SIGTERM)" + (f" after {command} had written {written()} (complete)" if WRITTEN else "")
 
 
 def reset() -> None:

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
 from data.datamodule import SubscaleDataModule
+from pipeline import Terminated
 from pipeline.callbacks import PlainProgress, SampleGrid, ValidationQuality
 from pipeline.checkpoints import AtomicCheckpointIO, load_stage, save_stage
 from pipeline.config import ConfigError, lightning_config, load_experiment, wandb_init_timeout
@@ -369,9 +370,12 @@ def fit_stage(cli, stage: str, run_dir: Path) -> Path:
         try:
             with held(f"closing the {stage}'s W&B run"):  # a Ctrl+C inside W&B was swallowed there, then hung
                 wandb.finish()  # also after an error: a later stage in this process must not log into this run
-        except KeyboardInterrupt as stop:  # held until W&B was done: after the stage was written, perhaps
+        except (KeyboardInterrupt, Terminated) as stop:  # held until W&B was done: after the stage was written?
             if str(stop) or not trained:
                 raise
+            if isinstance(stop, Terminated):
+                raise Terminated(f"terminated (SIGTERM) after {stage} had written {final} (complete): make the "
+                                 f"same target again to go on") from None
             raise KeyboardInterrupt(f"{stage} stopped by Ctrl+C after it had written {final} (complete): make the "
                                     f"same target again to go on") from None
     if trainer.is_global_zero:

@@ -147,19 +147,49 @@ def test_a_ctrl_c_while_sample_logs_to_wandb_is_reported_after_the_outputs_it_wr
     assert len(finished_runs(run_dir)) == 1  # the W&B run was finished, not cut off
 
 
-def test_a_ctrl_c_while_training_closes_its_wandb_run_says_the_stage_was_written(tmp_path, monkeypatch, capsys,
-                                                                                 ctrl_c):
+def test_a_sigterm_after_the_outputs_were_in_place_names_them_as_ctrl_c_does(tmp_path, monkeypatch, capsys,
+                                                                             ctrl_c):
+    """It said only 'terminated (SIGTERM)', though the new samples were complete."""
+    import wandb
+
+    def terminated_as_it_starts(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        return init(*args, **kwargs)
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir, init = tmp_path / "run", wandb.init
+    save_cascade(make_stages(**SMOKE), run_dir)
+    monkeypatch.setattr(wandb, "init", terminated_as_it_starts)
+    assert cli(["sample", "--exp", str(experiment_file(tmp_path, SMOKE)), "--run-dir", str(run_dir), "--n", "2"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"terminated (SIGTERM) after sample had written {run_dir / 'samples'} (complete)")
+    assert (run_dir / "samples" / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_training_closes_its_wandb_run_says_the_stage_was_written(tmp_path, monkeypatch, capsys,
+                                                                              ctrl_c, signum):
     """Not 'make the same target again to resume': the stage's checkpoint was already written."""
     import wandb
 
+    def stopped_as_it_starts():
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)
+        return finish()
+
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setattr(wandb, "finish", hit_by_ctrl_c(wandb.finish))
-    assert cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice",
-                "--trainer.max_steps=2"]) == 130
+    finish = wandb.finish
+    monkeypatch.setattr(wandb, "finish", stopped_as_it_starts)
+    status = cli(["train", "--exp", "smoke", "--run-dir", str(tmp_path), "--stage", "first_slice",
+                  "--trainer.max_steps=2"])
     final = tmp_path / "checkpoints" / "first_slice.ckpt"
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"interrupted: first_slice stopped by Ctrl+C after it had written {final} (complete): make the same target "
-        f"again to go on")
+    stop = ("interrupted: first_slice stopped by Ctrl+C" if signum == signal.SIGINT else
+            "terminated (SIGTERM) after first_slice had written")
+    assert (status, capsys.readouterr().err.strip().splitlines()[-1]) == (
+        130 if signum == signal.SIGINT else 143,
+        f"{stop}{' after it had written' if signum == signal.SIGINT else ''} {final} (complete): make the same "
+        f"target again to go on")
     assert final.exists()
 
 
