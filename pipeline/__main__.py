@@ -208,12 +208,14 @@ def run(argv) -> int:
 
 
 def exit_with(status: int) -> None:
-    """End the process with `status` once the command is done. A Ctrl+C during the exit hooks (W&B's
-    stop its service) ends the process at once with that status, rather than raising inside a hook
-    (a traceback); `ignore_ctrl_c` then keeps one during Python's last second of teardown from killing
-    the process by SIGINT, which made a finished command look interrupted, with no line saying why."""
+    """End the process with `status` once the command is done. A Ctrl+C or SIGTERM during the exit hooks
+    (W&B's stop its service) ends the process at once with that status, rather than raising inside a hook
+    (a traceback); `ignore_stops` then keeps one during Python's last second of teardown from killing
+    the process by SIGINT or SIGTERM, which made a finished command look interrupted, with no line saying why."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # as Ctrl+C (make's copy of a SIGTERM comes late)
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(status))
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -222,13 +224,15 @@ def exit_with(status: int) -> None:
     sys.exit(status)
 
 
-def ignore_ctrl_c() -> None:
-    """Ignore Ctrl+C from now on (Python leaves an ignored SIGINT so through its teardown)."""
+def ignore_stops() -> None:
+    """Ignore Ctrl+C and SIGTERM from now on, the command's status set (Python leaves an ignored signal so
+    through its teardown)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
-    atexit.register(ignore_ctrl_c)  # registered before the libraries' hooks: it runs after them all
+    atexit.register(ignore_stops)  # registered before the libraries' hooks: it runs after them all
     status = 130
     try:
         status = main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +17,8 @@ CTRL_C: list[bool] = []  # holds True once Ctrl+C has reached this command
 WRITTEN: list[Path] = []  # the outputs this command has put in place, in order, as the command named them
 _held: list[tuple[str, bool]] = []  # (what, firm) of the open held() blocks, outermost first
 _pending: list[type[BaseException]] = []  # the stop that arrived inside them, raised when the outermost ends
+_terminated: list[float] = []  # when the first SIGTERM arrived (time.monotonic())
+SAME_STOP_S = 1.0  # a SIGTERM this soon after the first is the same stop, sent twice (`terminate`)
 
 
 def _say(line: str) -> None:
@@ -53,8 +56,16 @@ def interrupt(signum, frame):
 
 def terminate(signum, frame):
     """SIGTERM handler (a scheduler, `timeout`, a closing shell): stop as on Ctrl+C, raising Terminated
-    (inside `held()`, when the block ends); a second SIGTERM ends the process at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    (inside `held()`, when the block ends). A second SIGTERM ends the process at once (the way to end a
+    stuck one), unless it comes within SAME_STOP_S of the first: that is the same stop sent twice, as when
+    the whole process group is sent SIGTERM and make passes its own copy on to the command."""
+    if _terminated:
+        if time.monotonic() - _terminated[0] < SAME_STOP_S:
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _terminated.append(time.monotonic())
     if not _hold(Terminated, "SIGTERM"):
         raise Terminated
 
@@ -111,3 +122,4 @@ def reset() -> None:
     WRITTEN.clear()
     _held.clear()
     _pending.clear()
+    _terminated.clear()

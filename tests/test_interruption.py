@@ -73,7 +73,7 @@ def test_a_stop_inside_a_held_step_waits_for_its_end_and_a_second_ctrl_c_does_no
             time.sleep(0.05)
             done.append("SIGTERM waits too")
     assert done[-1] == "SIGTERM waits too"
-    signal.signal(signal.SIGTERM, terminate)  # (a SIGTERM sets the default back, for a second one to end at once)
+    reset()  # a new command: its first SIGTERM (this one's, in under a second, would be the same stop)
     with pytest.raises(Terminated):  # not the step's own error: the command says it was terminated (143)
         with held("logging to W&B"):
             os.kill(os.getpid(), signal.SIGTERM)
@@ -87,6 +87,32 @@ def test_a_stop_inside_a_held_step_waits_for_its_end_and_a_second_ctrl_c_does_no
         finally:  # a Ctrl+C in the clean-up of a stop: the first stop's message is kept
             with held("closing the W&B run"):
                 press_ctrl_c()
+
+
+def test_a_second_sigterm_ends_at_once_unless_it_is_the_first_sent_twice(handlers, monkeypatch):
+    """make passes on the SIGTERM that a group kill also sent to the command: the two together ended the
+    command at once, with no line, and could cut W&B's logging short."""
+    from types import SimpleNamespace
+
+    from pipeline import interruption
+
+    ended, seen = [], []  # (the block's own errors give way to the stop: its checks are made after it)
+    monkeypatch.setattr(os, "kill", lambda pid, signum: ended.append(signum))  # not this test's process
+    with pytest.raises(Terminated):
+        with held("logging to W&B"):
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            signal.raise_signal(signal.SIGTERM)  # make's copy of it
+            time.sleep(0.05)
+            seen.append((list(ended), signal.getsignal(signal.SIGTERM)))
+            if seen[0][1] is not terminate:
+                return  # (a third would end this test's process)
+            later = time.monotonic() + interruption.SAME_STOP_S
+            monkeypatch.setattr(interruption, "time", SimpleNamespace(monotonic=lambda: later))
+            signal.raise_signal(signal.SIGTERM)  # the user's, seconds later: the process ends at once
+            time.sleep(0.05)
+            seen.append((list(ended), signal.getsignal(signal.SIGTERM)))
+    assert seen == [([], terminate), ([signal.SIGTERM], signal.SIG_DFL)]
 
 
 def test_a_ctrl_c_between_the_renames_of_an_output_folder_leaves_the_new_folder_whole(tmp_path, handlers,

@@ -220,24 +220,28 @@ def test_a_worker_dies_with_its_parent_even_by_kill_9(tmp_path):
 
 
 TERMINATED = """
-import os, sys, time
+import os, runpy, sys, time
 from pathlib import Path
-from pipeline import __main__ as command_line
 from pipeline.inference import sample
 from pipeline.inference.processes import in_processes
 from pipeline.progress import progress_bar
 
+PID_FILE, RUN_DIR = sys.argv[1:3]
+
 def job(items, counter):
     if items[0] == 1:
-        Path(sys.argv[1]).write_text(str(os.getpid()))
+        Path(PID_FILE).write_text(str(os.getpid()))
     time.sleep(120)  # both shares: a long sampling
 
 sample.main = lambda args: in_processes(job, range(2), progress_bar(disable=True), workers=2)
-sys.exit(command_line.main(["sample", "--exp", "smoke", "--run-dir", sys.argv[2]]))
+sys.argv = ["pipeline", "sample", "--exp", "smoke", "--run-dir", RUN_DIR]
+runpy.run_module("pipeline", run_name="__main__")  # as `python -m pipeline sample ...`
 """
 
 
-def test_sigterm_ends_the_command_and_its_workers_in_one_line(tmp_path):
+@pytest.mark.parametrize("sent", [1, 2])
+def test_sigterm_ends_the_command_and_its_workers_in_one_line(tmp_path, sent):
+    """Also when it comes twice at once: sent to the group of `make sample`, which passes its own copy on."""
     script = tmp_path / "terminated.py"
     script.write_text(TERMINATED)
     pid_file = tmp_path / "child.pid"
@@ -247,7 +251,9 @@ def test_sigterm_ends_the_command_and_its_workers_in_one_line(tmp_path):
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(pid_file.read_text())
-    proc.send_signal(signal.SIGTERM)  # a scheduler's, `timeout`'s or a closing shell's
+    for _ in range(sent):
+        proc.send_signal(signal.SIGTERM)  # a scheduler's, `timeout`'s or a closing shell's (make's copy next)
+        time.sleep(0.1)
     try:
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 143 and err.strip() == "terminated (SIGTERM)", (proc.returncode, err)
