@@ -117,9 +117,10 @@ def report(line: str) -> None:
 def to_devnull(stream) -> None:
     """Point `stream`'s file descriptor at /dev/null (its reader is gone), so later writes and flushes
     to it succeed and lose nothing anyone could read."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stream.fileno())
-    os.close(devnull)
+    devnull, fd = os.open(os.devnull, os.O_WRONLY), stream.fileno()
+    if devnull != fd:  # (a descriptor already closed gets its own number back: /dev/null is in place)
+        os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def main(argv=None) -> int:
@@ -238,4 +239,6 @@ if __name__ == "__main__":
         status = main()
     except KeyboardInterrupt:  # in the instant between main's own handling and exit_with's
         pass
+    except Terminated:  # the same instant, for SIGTERM
+        status = 143
     exit_with(status)

@@ -4,9 +4,11 @@ output half replaced and never lands inside W&B's or `logging`'s locks (where it
 process hung). The line that reports a stop says which outputs the command had put in place by then."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +19,6 @@ CTRL_C: list[bool] = []  # holds True once Ctrl+C has reached this command
 WRITTEN: list[Path] = []  # the outputs this command has put in place, in order, as the command named them
 _held: list[tuple[str, bool]] = []  # (what, firm) of the open held() blocks, outermost first
 _pending: list[type[BaseException]] = []  # the stop that arrived inside them, raised when the outermost ends
-_terminated: list[float] = []  # when the first SIGTERM arrived (time.monotonic())
 SAME_STOP_S = 1.0  # a SIGTERM this soon after the first is the same stop, sent twice (`terminate`)
 
 
@@ -37,7 +38,7 @@ def _hold(stop: type[BaseException], name: str) -> bool:
     firm = any(firm for _, firm in _held)
     if not _pending:
         _pending.append(stop)
-        again = "" if firm else f" ({name} again stops at once)"
+        again = "" if firm else f" ({name} again{' a second later' if stop is Terminated else ''} stops at once)"
         _say(f"{name}: stopping once {_held[0][0]} is done{again}")
         return True
     return firm  # a second one: at once, except in the instant of a rename
@@ -56,18 +57,29 @@ def interrupt(signum, frame):
 
 def terminate(signum, frame):
     """SIGTERM handler (a scheduler, `timeout`, a closing shell): stop as on Ctrl+C, raising Terminated
-    (inside `held()`, when the block ends). A second SIGTERM ends the process at once (the way to end a
-    stuck one), unless it comes within SAME_STOP_S of the first: that is the same stop sent twice, as when
-    the whole process group is sent SIGTERM and make passes its own copy on to the command."""
-    if _terminated:
-        if time.monotonic() - _terminated[0] < SAME_STOP_S:
-            return
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-    _terminated.append(time.monotonic())
+    (inside `held()`, when the block ends). For SAME_STOP_S after it SIGTERM is ignored: a copy of the
+    same stop (the whole process group was sent SIGTERM, and make passes its own copy on to the command)
+    must not cut the command's clean-up and its line short. After that a SIGTERM ends the process at once,
+    the way to end a stuck one (`_end_at_once_after`)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_end_at_once_after, args=(SAME_STOP_S,), name="sigterm-window", daemon=True).start()
     if not _hold(Terminated, "SIGTERM"):
         raise Terminated
+
+
+def _end_at_once_after(seconds: float) -> None:
+    """Give SIGTERM its default action (the process ends at once) after `seconds`, unless the command set
+    its own handling meanwhile. Python's `signal.signal` works only in the main thread, which may be stuck
+    in C code by then, so this thread sets it through the C library's `signal()`."""
+    time.sleep(seconds)
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.signal.argtypes, libc.signal.restype = (ctypes.c_int, ctypes.c_void_p), ctypes.c_void_p
+        libc.signal(int(signal.SIGTERM), None)  # None: SIG_DFL
+    except (OSError, AttributeError):  # no C library to call: SIGTERM stays ignored, SIGKILL still ends it
+        pass
 
 
 @contextmanager
@@ -122,4 +134,3 @@ def reset() -> None:
     WRITTEN.clear()
     _held.clear()
     _pending.clear()
-    _terminated.clear()

@@ -241,7 +241,9 @@ runpy.run_module("pipeline", run_name="__main__")  # as `python -m pipeline samp
 
 @pytest.mark.parametrize("sent", [1, 2])
 def test_sigterm_ends_the_command_and_its_workers_in_one_line(tmp_path, sent):
-    """Also when it comes twice at once: sent to the group of `make sample`, which passes its own copy on."""
+    """Also when it comes twice (sent to the group of `make sample`, which passes its own copy on) and the
+    second lands once the command is done: it killed the process by SIGTERM then, after its line (the
+    copy that lands during the clean-up: tests/test_interruption.py)."""
     script = tmp_path / "terminated.py"
     script.write_text(TERMINATED)
     pid_file = tmp_path / "child.pid"
