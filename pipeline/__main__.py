@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline import Terminated, WorkerFailed
-from pipeline.interruption import CTRL_C, interrupt, reset, stopped, terminate, terminated
+from pipeline.interruption import CTRL_C, interrupt, reset, say, stopped, terminate, terminated
 from stages.plan import ORDER
 
 
@@ -208,15 +208,20 @@ def run(argv) -> int:
     return 0
 
 
-def exit_with(status: int) -> None:
+def exit_with(status: int, command: str = "the command") -> None:
     """End the process with `status` once the command is done. A Ctrl+C or SIGTERM during the exit hooks
     (W&B's stop its service) ends the process at once with that status, rather than raising inside a hook
     (a traceback); `ignore_stops` then keeps one during Python's last second of teardown from killing
     the process by SIGINT or SIGTERM, which made a finished command look interrupted, with no line saying why."""
+    def ended_already(signum, frame):  # make, stopped by the same signal, exits 130 or 143 and says nothing
+        name = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
+        say(f"{name} came after {command} had ended, with status {status}: what it wrote stands")
+        os._exit(status)
+
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
+        signal.signal(signal.SIGINT, ended_already)
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # as Ctrl+C (make's copy of a SIGTERM comes late)
-        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(status))
+        signal.signal(signal.SIGTERM, ended_already)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -241,4 +246,4 @@ if __name__ == "__main__":
         pass
     except Terminated:  # the same instant, for SIGTERM
         status = 143
-    exit_with(status)
+    exit_with(status, next((a for a in sys.argv[1:2] if not a.startswith("-")), "the command"))

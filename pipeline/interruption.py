@@ -22,7 +22,7 @@ _pending: list[type[BaseException]] = []  # the stop that arrived inside them, r
 SAME_STOP_S = 1.0  # a SIGTERM this soon after the first is the same stop, sent twice (`terminate`)
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """One line on stderr from a signal handler: os.write, which buffers nothing that the interrupted code
     may be in the middle of; a closed or broken stderr (`| tee` ended by the same Ctrl+C) is let be."""
     try:
@@ -39,7 +39,7 @@ def _hold(stop: type[BaseException], name: str) -> bool:
     if not _pending:
         _pending.append(stop)
         again = "" if firm else f" ({name} again{' a second later' if stop is Terminated else ''} stops at once)"
-        _say(f"{name}: stopping once {_held[0][0]} is done{again}")
+        say(f"{name}: stopping once {_held[0][0]} is done{again}")
         return True
     return firm  # a second one: at once, except in the instant of a rename
 

@@ -255,8 +255,10 @@ EXIT_HOOK = """
 import atexit, os, signal, sys, time, runpy
 import pipeline.interruption
 
+SIGNUM = int(sys.argv[2])
+
 def library_exit_hook():  # as W&B's: it runs as Python exits, after the command is done
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), SIGNUM)
     time.sleep(0.2)
     print("the exit hook went on", file=sys.stderr)
 
@@ -270,15 +272,23 @@ runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("when", ["during the exit hooks", "after them"])
-def test_a_ctrl_c_after_a_command_is_done_ends_it_with_its_own_status_and_no_traceback(when):
-    done = subprocess.run([sys.executable, "-c", EXIT_HOOK, when], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "disabled"},
+def test_a_stop_after_a_command_is_done_ends_it_with_its_own_status_and_no_traceback(when, signum):
+    """Under make, stopped by the same signal, make exits 130 or 143 with no line: the command's says why."""
+    done = subprocess.run([sys.executable, "-c", EXIT_HOOK, when, str(int(signum))], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "WANDB_MODE": "disabled"},
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert done.returncode == 0, done.stderr[-2000:]  # not killed by SIGINT, not 130: the command had finished
+    assert done.returncode == 0, done.stderr[-2000:]  # not killed by the signal, not 130: the command had finished
     assert done.stdout.split() == ["first_slice", "size_spn", "depth_spn"]
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr[-2000:]
     assert ("the exit hook went on" in done.stderr) == (when == "after them")  # at once: the command was done
+    name = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
+    said = f"{name} came after stages had ended, with status 0: what it wrote stands"
+    if when == "during the exit hooks":
+        assert done.stderr.strip().splitlines()[-1] == said
+    else:  # ignored in Python's last second: nothing to say
+        assert said not in done.stderr
 
 
 def test_the_last_line_on_a_stderr_that_is_gone_leaves_the_exit_status_as_it_is(tmp_path):
