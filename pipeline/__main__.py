@@ -214,8 +214,9 @@ def exit_with(status: int, command: str = "the command") -> None:
     (a traceback); `ignore_stops` then keeps one during Python's last second of teardown from killing
     the process by SIGINT or SIGTERM, which made a finished command look interrupted, with no line saying why."""
     def ended_already(signum, frame):  # make, stopped by the same signal, exits 130 or 143 and says nothing
-        name = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
-        say(f"{name} came after {command} had ended, with status {status}: what it wrote stands")
+        if status not in (130, 143):  # (a stopped command has said so: this is the same stop again)
+            name = "Ctrl+C" if signum == signal.SIGINT else "SIGTERM"
+            say(f"{name} came after {command} had ended, with status {status}: what it wrote stands")
         os._exit(status)
 
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
